@@ -1,0 +1,99 @@
+"""The `hnal` command line: one parser per subcommand; bad input exits non-zero with one line."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from hnal_ray.config import ConfigError, ScoreConfig, ScoreInputs
+from hnal_ray.io import InputError
+
+
+def _threshold_batch(v: str) -> int | None:
+    if v == "full":
+        return None
+    try:
+        return int(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'full' or an integer batch size, got {v!r}") from None
+
+
+def add_score_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--paired-images", required=True, help="Parquet file/dir: image_id, embedding")
+    p.add_argument("--paired-texts", required=True, help="Parquet file/dir: text_id, image_id, embedding")
+    p.add_argument("--pool", required=True, help="Parquet file/dir: image_id (or text_id), embedding")
+    p.add_argument("--budget", type=int, required=True, help="number of pool items to select")
+    p.add_argument("--strategy", default="hard-negative", choices=["hard-negative", "random", "coreset"])
+    p.add_argument("--weight", default="surplus", choices=["surplus", "counting"])
+    p.add_argument("--k", type=int, default=1, help="threshold = k-th hardest negative (Top-k)")
+    p.add_argument("--threshold-batch", type=_threshold_batch, default=None, metavar="{full,N}",
+                   help="full batch (default) or mini-batches of N pairs")
+    p.add_argument("--side", default="image", choices=["image", "text"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--shards", type=int, default=0, help="0: in-process; N: N Ray actors")
+    p.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS or an embedded Ray)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--block-pool", type=int, default=4096)
+    p.add_argument("--block-anchor", type=int, default=8192)
+    p.add_argument("--out", required=True, help="output directory")
+
+
+def cmd_score(a: argparse.Namespace) -> int:
+    from hnal_ray.score_job import run_score
+
+    cfg = ScoreConfig(budget=a.budget, strategy=a.strategy, weight=a.weight, k=a.k,
+                      threshold_batch=a.threshold_batch, side=a.side, seed=a.seed, shards=a.shards,
+                      address=a.address, device=a.device, block_pool=a.block_pool, block_anchor=a.block_anchor)
+    inputs = ScoreInputs(a.paired_images, a.paired_texts, a.pool)
+    make_backend = None
+    if cfg.shards > 0:
+        from hnal_ray.cluster.score import ray_backend
+
+        make_backend = ray_backend(cfg)
+    summary = run_score(inputs, cfg, a.out, make_backend)
+    print(json.dumps({"out": a.out, "selected": summary["counts"]["selected"],
+                      "pairs_per_second": round(summary["pairs_per_second"])}))
+    return 0
+
+
+def cmd_data_example(a: argparse.Namespace) -> int:
+    from hnal_ray.synthetic import make_example
+
+    paths = make_example(a.out, n_images=a.images, n_pool=a.pool, dim=a.dim, seed=a.seed)
+    print(json.dumps({k: str(v) for k, v in paths.items()}))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hnal", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+    score = sub.add_parser("score", help="score a pool and select the top B (hard negatives or a baseline)")
+    add_score_args(score)
+    score.set_defaults(func=cmd_score)
+    data = sub.add_parser("data", help="build a data set").add_subparsers(dest="dataset", required=True)
+    ex = data.add_parser("example", help="seeded synthetic embedding tables in the input contract")
+    ex.add_argument("--out", required=True)
+    ex.add_argument("--images", type=int, default=2000)
+    ex.add_argument("--pool", type=int, default=20000)
+    ex.add_argument("--dim", type=int, default=64)
+    ex.add_argument("--seed", type=int, default=0)
+    ex.set_defaults(func=cmd_data_example)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)
+    try:
+        return args.func(args)
+    except (InputError, ConfigError) as exc:
+        print(f"hnal {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,62 @@
+"""Frozen per-stage configs, loaded from YAML or the command line in one place."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+STRATEGIES = ("hard-negative", "random", "coreset")
+SIDES = ("image", "text")
+
+
+class ConfigError(ValueError):
+    """A bad option value; the message names the option."""
+
+
+@dataclass(frozen=True)
+class ScoreInputs:
+    """Paths (file or directory of Parquet files) of the three input tables."""
+
+    paired_images: str
+    paired_texts: str
+    pool: str
+
+
+@dataclass(frozen=True)
+class ScoreConfig:
+    """What `hnal score` computes. threshold_batch None = full batch, else the mini-batch size."""
+
+    budget: int
+    strategy: str = "hard-negative"
+    weight: str = "surplus"
+    k: int = 1
+    threshold_batch: int | None = None
+    side: str = "image"
+    seed: int = 0
+    shards: int = 0            # 0 = in-process (no Ray); N >= 1 = N Ray actors
+    address: str | None = None  # Ray cluster address; None = RAY_ADDRESS or an embedded Ray
+    device: str = "auto"
+    block_pool: int = 4096
+    block_anchor: int = 8192
+
+    def __post_init__(self):
+        checks = [
+            (self.budget >= 1, f"--budget must be >= 1, got {self.budget}"),
+            (self.k >= 1, f"--k must be >= 1, got {self.k}"),
+            (self.strategy in STRATEGIES, f"--strategy must be one of {STRATEGIES}, got {self.strategy!r}"),
+            (self.weight in ("surplus", "counting"), f"--weight must be surplus or counting, got {self.weight!r}"),
+            (self.side in SIDES, f"--side must be image or text, got {self.side!r}"),
+            (self.threshold_batch is None or self.threshold_batch >= 2,
+             f"--threshold-batch must be 'full' or an integer >= 2, got {self.threshold_batch}"),
+            (self.shards >= 0, f"--shards must be >= 0, got {self.shards}"),
+            (self.block_pool >= 1 and self.block_anchor >= 1, "block sizes must be >= 1"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise ConfigError(msg)
+
+    def result_fields(self) -> dict:
+        """The fields that decide the result (not where or how it is computed)."""
+        d = dataclasses.asdict(self)
+        for f in ("shards", "address", "device", "block_pool", "block_anchor"):
+            d.pop(f)
+        return d

@@ -1,0 +1,1 @@
+"""Real image-text data sets built offline from packages on PyPI."""

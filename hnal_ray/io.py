@@ -1,0 +1,232 @@
+"""Parquet embedding tables in, validated arrays out; atomic writes of every output file.
+
+Input contract (a directory of Parquet files is read as one table, files in name order):
+  paired images: image_id int64, embedding list<float32>
+  paired texts:  text_id int64, image_id int64 (owner), embedding list<float32>
+  pool:          image_id (image side) or text_id (text side) int64, embedding list<float32>
+Embeddings are L2-normalised here, by the reader, so every kernel sees unit vectors.
+"""
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+
+class InputError(ValueError):
+    """Bad user input; the message names the file and the column or row."""
+
+
+@dataclass(frozen=True)
+class EmbeddingTable:
+    """ids: (n,) int64; emb: (n, d) float32 L2-normalised; owner: (n,) int64 or None."""
+
+    path: str
+    ids: np.ndarray
+    emb: np.ndarray
+    owner: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @property
+    def dim(self) -> int:
+        return self.emb.shape[1]
+
+
+def parquet_files(path: str | os.PathLike) -> list[Path]:
+    """The Parquet files that make up the table at `path` (a file or a directory)."""
+    p = Path(path)
+    if p.is_dir():
+        files = sorted(f for f in p.rglob("*.parquet") if f.is_file() and not f.name.startswith((".", "_")))
+        if not files:
+            raise InputError(f"{p}: directory holds no .parquet files")
+        return files
+    if not p.exists():
+        raise InputError(f"{p}: no such file or directory")
+    return [p]
+
+
+def _open(f: Path) -> pq.ParquetFile:
+    try:
+        return pq.ParquetFile(f)
+    except Exception as exc:  # pyarrow raises several types for a corrupt file
+        raise InputError(f"{f}: not a readable Parquet file ({exc})") from None
+
+
+def row_counts(path: str | os.PathLike) -> list[tuple[Path, int]]:
+    """(file, number of rows) for each file of the table, from the footers only."""
+    return [(f, _open(f).metadata.num_rows) for f in parquet_files(path)]
+
+
+def _require(f: Path, schema: pa.Schema, columns: list[str]) -> None:
+    for c in columns:
+        if c not in schema.names:
+            raise InputError(f"{f}: missing column '{c}' (has {', '.join(schema.names) or 'none'})")
+
+
+def _int_column(f: Path, table: pa.Table, name: str, row0: int) -> np.ndarray:
+    col = table.column(name)
+    if not pa.types.is_integer(col.type):
+        raise InputError(f"{f}: column '{name}' must be int64, found {col.type}")
+    if col.null_count:
+        bad = int(np.flatnonzero(col.is_null().to_numpy(zero_copy_only=False))[0])
+        raise InputError(f"{f}: column '{name}' row {row0 + bad} is null")
+    return col.to_numpy().astype(np.int64, copy=False)
+
+
+def _embedding_column(f: Path, table: pa.Table, row0: int, dim: int | None) -> np.ndarray:
+    col = table.column("embedding").combine_chunks()
+    if not (pa.types.is_list(col.type) or pa.types.is_large_list(col.type)
+            or pa.types.is_fixed_size_list(col.type)) or not pa.types.is_floating(col.type.value_type):
+        raise InputError(f"{f}: column 'embedding' must be list<float32>, found {col.type}")
+    n = len(col)
+    if col.null_count:
+        bad = int(np.flatnonzero(col.is_null().to_numpy(zero_copy_only=False))[0])
+        raise InputError(f"{f}: column 'embedding' row {row0 + bad} is null")
+    if n == 0:
+        return np.zeros((0, dim or 0), np.float32)
+    lengths = pa.compute.list_value_length(col).to_numpy()
+    want = dim if dim is not None else int(lengths[0])
+    off = np.flatnonzero(lengths != want)
+    if len(off):
+        r = int(off[0])
+        raise InputError(f"{f}: column 'embedding' row {row0 + r} has length {lengths[r]}, expected {want}"
+                         + ("" if dim is None else " (the dimension of the other inputs)"))
+    if want == 0:
+        raise InputError(f"{f}: column 'embedding' has zero-length vectors")
+    values = pa.compute.list_flatten(col).to_numpy(zero_copy_only=False)
+    emb = np.asarray(values, dtype=np.float32).reshape(n, want)
+    finite = np.isfinite(emb).all(axis=1)
+    if not finite.all():
+        r = int(np.flatnonzero(~finite)[0])
+        raise InputError(f"{f}: column 'embedding' row {row0 + r} contains NaN or inf")
+    norms = np.linalg.norm(emb.astype(np.float64), axis=1)
+    if (norms == 0).any():
+        r = int(np.flatnonzero(norms == 0)[0])
+        raise InputError(f"{f}: column 'embedding' row {row0 + r} is the zero vector (cannot be L2-normalised)")
+    return (emb / norms[:, None]).astype(np.float32)
+
+
+def read_embeddings(path: str | os.PathLike, id_column: str, owner_column: str | None = None,
+                    dim: int | None = None, start: int = 0, stop: int | None = None) -> EmbeddingTable:
+    """Read rows [start, stop) of an embedding table, validated and L2-normalised.
+
+    Rows are numbered across the table's files in order; errors name the file and its own row.
+    Only row groups overlapping the range are read, so a shard costs its own size.
+    """
+    columns = [id_column] + ([owner_column] if owner_column else []) + ["embedding"]
+    ids, embs, owners = [], [], []
+    offset = 0
+    for f, n in row_counts(path):
+        lo, hi = max(start - offset, 0), n if stop is None else min(stop - offset, n)
+        offset += n
+        if lo >= hi:
+            continue
+        pf = _open(f)
+        _require(f, pf.schema_arrow, columns)
+        table = _read_range(pf, columns, lo, hi)
+        ids.append(_int_column(f, table, id_column, lo))
+        if owner_column:
+            owners.append(_int_column(f, table, owner_column, lo))
+        emb = _embedding_column(f, table, lo, dim)
+        dim = dim if dim is not None or len(emb) == 0 else emb.shape[1]
+        embs.append(emb)
+    if not ids:
+        return EmbeddingTable(str(path), np.zeros(0, np.int64), np.zeros((0, dim or 0), np.float32),
+                              np.zeros(0, np.int64) if owner_column else None)
+    d = dim or 0
+    emb = np.concatenate([e.reshape(-1, d) for e in embs]) if d else np.zeros((0, 0), np.float32)
+    return EmbeddingTable(str(path), np.concatenate(ids), emb,
+                          np.concatenate(owners) if owner_column else None)
+
+
+def _read_range(pf: pq.ParquetFile, columns: list[str], lo: int, hi: int) -> pa.Table:
+    """Rows [lo, hi) of one file, reading only the row groups that overlap them."""
+    groups, first, pos = [], None, 0
+    for g in range(pf.metadata.num_row_groups):
+        m = pf.metadata.row_group(g).num_rows
+        if pos + m > lo and pos < hi:
+            groups.append(g)
+            first = pos if first is None else first
+        pos += m
+    if not groups:
+        return pf.schema_arrow.empty_table().select(columns)
+    table = pf.read_row_groups(groups, columns=columns)
+    return table.slice(lo - first, hi - lo)
+
+
+def read_ids(path: str | os.PathLike, id_column: str) -> list[tuple[Path, np.ndarray]]:
+    """Only the id column of each file: cheap, used to validate a sharded table on the driver."""
+    out = []
+    for f, _ in row_counts(path):
+        pf = _open(f)
+        _require(f, pf.schema_arrow, [id_column])
+        out.append((f, _int_column(f, pf.read(columns=[id_column]), id_column, 0)))
+    return out
+
+
+def check_unique(parts: list[tuple[Path, np.ndarray]], column: str) -> None:
+    """Raise naming the file and row of the first id that repeats an earlier one."""
+    seen: dict[int, tuple[Path, int]] = {}
+    allids = np.concatenate([ids for _, ids in parts]) if parts else np.zeros(0, np.int64)
+    uniq, counts = np.unique(allids, return_counts=True)
+    if (counts == 1).all():
+        return
+    dup = set(uniq[counts > 1].tolist())
+    for f, ids in parts:
+        for r, i in enumerate(ids.tolist()):
+            if i in dup:
+                if i in seen:
+                    pf, pr = seen[i]
+                    raise InputError(f"{f}: column '{column}' row {r}: duplicate id {i} (first at {pf} row {pr})")
+                seen[i] = (f, r)
+
+
+# ----------------------------------------------------------------------------- atomic outputs
+
+def _tmp_name(path: Path) -> Path:
+    return path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+
+
+def write_parquet(table: pa.Table, path: str | os.PathLike) -> Path:
+    """Write `table` to a temporary name beside `path`, then rename: readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp_name(path)
+    pq.write_table(table, tmp, compression="zstd")
+    os.replace(tmp, path)
+    return path
+
+
+def write_json(obj: dict, path: str | os.PathLike) -> Path:
+    """Atomic JSON write (sorted keys, so equal content gives equal bytes)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp_name(path)
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=_jsonable) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def _jsonable(x):
+    if isinstance(x, (np.integer,)):
+        return int(x)
+    if isinstance(x, (np.floating,)):
+        return float(x)
+    if isinstance(x, Path):
+        return str(x)
+    raise TypeError(f"not JSON serialisable: {type(x)}")
+
+
+def embedding_array(emb: np.ndarray) -> pa.Array:
+    """(n, d) float32 -> list<float32> Arrow column, the input contract's `embedding`."""
+    emb = np.ascontiguousarray(emb, dtype=np.float32)
+    n, d = emb.shape
+    return pa.ListArray.from_arrays(pa.array(np.arange(0, n * d + 1, d, dtype=np.int32)), pa.array(emb.reshape(-1)))

@@ -1,0 +1,119 @@
+"""Validate the inputs of a scoring job on the driver (ids only) and cut it into shards."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from hnal_ray.config import ScoreConfig, ScoreInputs
+from hnal_ray.io import InputError, check_unique, read_embeddings, read_ids
+from hnal_ray.worker import Anchors, ShardSpec
+
+
+@dataclass(frozen=True)
+class SideTables:
+    """Which input plays which role on a side (see hnal_ray.thresholds for anchor/key)."""
+
+    anchor_path: str
+    anchor_id: str
+    anchor_group: str | None
+    key_path: str
+    key_id: str
+    key_group: str | None
+    pool_path: str
+    pool_id: str
+
+
+def side_tables(inputs: ScoreInputs, side: str) -> SideTables:
+    if side == "image":
+        return SideTables(inputs.paired_texts, "text_id", "image_id", inputs.paired_images, "image_id", None,
+                          inputs.pool, "image_id")
+    return SideTables(inputs.paired_images, "image_id", None, inputs.paired_texts, "text_id", "image_id",
+                      inputs.pool, "text_id")
+
+
+@dataclass(frozen=True)
+class Plan:
+    tables: SideTables
+    anchors: Anchors
+    n_keys: int
+    n_pool: int
+    n_paired_images: int
+    n_paired_texts: int
+    dim: int
+
+
+def check_inputs(inputs: ScoreInputs, cfg: ScoreConfig) -> Plan:
+    """Every check that needs the whole table, done on ids; embeddings are checked where read."""
+    t = side_tables(inputs, cfg.side)
+    image_parts = read_ids(inputs.paired_images, "image_id")
+    check_unique(image_parts, "image_id")
+    text_parts = read_ids(inputs.paired_texts, "text_id")
+    check_unique(text_parts, "text_id")
+    image_ids = np.concatenate([i for _, i in image_parts])
+    if len(image_ids) == 0:
+        raise InputError(f"{inputs.paired_images}: the paired image table has no rows")
+    n_texts = sum(len(i) for _, i in text_parts)
+    if n_texts == 0 and cfg.strategy == "hard-negative":
+        raise InputError(f"{inputs.paired_texts}: the paired text table has no rows")
+    known = np.sort(image_ids)
+    for f, owners in read_ids(inputs.paired_texts, "image_id"):
+        pos = np.minimum(np.searchsorted(known, owners), len(known) - 1)
+        bad = np.flatnonzero(known[pos] != owners)
+        if len(bad):
+            r = int(bad[0])
+            raise InputError(f"{f}: column 'image_id' row {r}: owner image {owners[r]} is not among the "
+                             f"paired images ({inputs.paired_images})")
+    pool_parts = read_ids(inputs.pool, t.pool_id)
+    check_unique(pool_parts, t.pool_id)
+    n_pool = sum(len(i) for _, i in pool_parts)
+    if n_pool == 0:
+        raise InputError(f"{inputs.pool}: the pool is empty")
+    paired_same_kind = np.sort(image_ids if cfg.side == "image" else np.concatenate([i for _, i in text_parts]))
+    for f, ids in pool_parts:
+        hit = np.flatnonzero(np.isin(ids, paired_same_kind))
+        if len(hit):
+            r = int(hit[0])
+            raise InputError(f"{f}: column '{t.pool_id}' row {r}: id {ids[r]} is already paired")
+    if cfg.budget > n_pool:
+        raise InputError(f"{inputs.pool}: --budget {cfg.budget} is larger than the pool ({n_pool} rows)")
+    anchors_table = read_embeddings(t.anchor_path, t.anchor_id, t.anchor_group)
+    order = np.argsort(anchors_table.ids, kind="stable")
+    group = anchors_table.owner if t.anchor_group else anchors_table.ids
+    anchors = Anchors(anchors_table.ids[order], group[order], anchors_table.emb[order])
+    n_keys = sum(len(i) for _, i in (image_parts if cfg.side == "image" else text_parts))
+    return Plan(t, anchors, n_keys, n_pool, len(image_ids), n_texts, anchors_table.dim)
+
+
+def split_rows(n: int, parts: int) -> list[tuple[int, int]]:
+    """`parts` contiguous, balanced row ranges covering [0, n)."""
+    edges = np.linspace(0, n, parts + 1).round().astype(int)
+    return [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:])]
+
+
+def shard_specs(plan: Plan, shards: int) -> list[ShardSpec]:
+    t = plan.tables
+    return [ShardSpec(i, t.pool_path, t.pool_id, pr, t.key_path, t.key_id, t.key_group, kr, plan.dim)
+            for i, (pr, kr) in enumerate(zip(split_rows(plan.n_pool, shards), split_rows(plan.n_keys, shards)))]
+
+
+def load_keys_sorted(plan: Plan) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """All keys (ids, group, emb) sorted by id, for the driver-side mini-batch and core-set paths."""
+    t = plan.tables
+    keys = read_embeddings(t.key_path, t.key_id, t.key_group, dim=plan.dim)
+    order = np.argsort(keys.ids, kind="stable")
+    group = keys.owner if t.key_group else keys.ids
+    return keys.ids[order], group[order], keys.emb[order]
+
+
+def input_fingerprint(inputs: ScoreInputs) -> list[dict]:
+    """Path, size and mtime of every input file: a changed input invalidates a finished run."""
+    out = []
+    for role, path in (("paired_images", inputs.paired_images), ("paired_texts", inputs.paired_texts),
+                       ("pool", inputs.pool)):
+        p = Path(path)
+        files = sorted(p.rglob("*.parquet")) if p.is_dir() else [p]
+        out += [{"role": role, "file": str(f.resolve()), "bytes": f.stat().st_size,
+                 "mtime_ns": f.stat().st_mtime_ns} for f in files if f.exists()]
+    return out

@@ -1,0 +1,45 @@
+"""The dense single-process reference: the SPEC applied literally, in float64 (oracle for tests)."""
+from __future__ import annotations
+
+import numpy as np
+
+from hnal_ray.thresholds import minibatch_assignment
+
+
+def dense_thresholds(text_emb: np.ndarray, text_owner: np.ndarray, image_emb: np.ndarray,
+                     image_ids: np.ndarray, k: int, side: str, batch_size: int | None = None,
+                     seed: int = 0) -> np.ndarray:
+    """xi (n_t,) on the image side or zeta (n_p,) on the text side, float64, from the full matrix."""
+    s = text_emb.astype(np.float64) @ image_emb.astype(np.float64).T  # (n_t, n_p)
+    batch = minibatch_assignment(len(text_emb), batch_size, seed) if batch_size else np.zeros(len(text_emb), int)
+    if side == "image":
+        out = np.empty(len(text_emb))
+        for j in range(len(text_emb)):
+            in_batch = set(image_ids.tolist()) if batch_size is None else set(text_owner[batch == batch[j]].tolist())
+            neg = [s[j, p] for p in range(len(image_ids))
+                   if image_ids[p] != text_owner[j] and image_ids[p] in in_batch]
+            out[j] = sorted(neg, reverse=True)[k - 1] if len(neg) >= k else -np.inf
+        return out
+    out = np.empty(len(image_ids))
+    for p in range(len(image_ids)):
+        own = np.flatnonzero(text_owner == image_ids[p])
+        home = batch[own].min() if len(own) else None
+        neg = [s[j, p] for j in range(len(text_emb)) if text_owner[j] != image_ids[p]
+               and (batch_size is None or (home is not None and batch[j] == home))]
+        out[p] = sorted(neg, reverse=True)[k - 1] if len(neg) >= k else -np.inf
+    return out
+
+
+def dense_scores(pool_emb: np.ndarray, anchor_emb: np.ndarray, thresholds: np.ndarray,
+                 weight: str) -> tuple[np.ndarray, np.ndarray]:
+    """(scores (n_u,), max_margin (n_u,)) in float64 from the materialised (n_u, n_a) matrix."""
+    s = pool_emb.astype(np.float64) @ anchor_emb.astype(np.float64).T
+    margin = s - thresholds.astype(np.float64)[None, :]
+    w = np.maximum(0.0, margin) if weight == "surplus" else (s > thresholds[None, :]).astype(np.float64)
+    return w.sum(axis=1), margin.max(axis=1) if margin.shape[1] else np.full(len(s), -np.inf)
+
+
+def dense_select(ids: np.ndarray, scores: np.ndarray, max_margin: np.ndarray, budget: int) -> np.ndarray:
+    """Selected ids by sorting Python tuples: the SPEC's ordering written out once more."""
+    keyed = sorted(zip(ids.tolist(), scores.tolist(), max_margin.tolist()), key=lambda r: (-r[1], -r[2], r[0]))
+    return np.array([r[0] for r in keyed[:budget]], dtype=np.int64)

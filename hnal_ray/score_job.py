@@ -1,0 +1,231 @@
+"""The `hnal score` job: check inputs, thresholds, score shards, merge one top-B, write outputs.
+
+Backends run the shard workers: in-process (`LocalBackend`, shards=0) or as Ray actors
+(`hnal_ray.cluster.RayBackend`). The driver is the only writer of the manifest and the final
+files; every file is written to a temporary name and renamed, so an interrupted run resumes.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Iterator, Protocol
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from tqdm import tqdm
+
+from hnal_ray.baselines import coreset_select
+from hnal_ray.config import ScoreConfig, ScoreInputs
+from hnal_ray.device import pick_device
+from hnal_ray.io import write_json, write_parquet
+from hnal_ray.plan import Plan, check_inputs, input_fingerprint, load_keys_sorted, shard_specs
+from hnal_ray.selection import Ranked, merge_top, select_top
+from hnal_ray.thresholds import kth, merge_topk, minibatch_thresholds
+from hnal_ray.worker import Anchors, ScoreTask, ShardResult, ShardSpec, ShardWorker, score_table
+
+log = logging.getLogger(__name__)
+
+
+class Backend(Protocol):
+    def threshold_parts(self, anchors: Anchors, k: int) -> list[np.ndarray]: ...
+    def score(self, shards: list[int], task: ScoreTask, anchors: Anchors | None,
+              thresholds: np.ndarray | None, part_paths: list[str]) -> Iterator[ShardResult]: ...
+    def info(self) -> dict: ...
+    def close(self) -> None: ...
+
+
+class LocalBackend:
+    """The sequential backend: the same shard workers, called in this process."""
+
+    def __init__(self, specs: list[ShardSpec], device: str):
+        self.workers = [ShardWorker(s, device) for s in specs]
+
+    def threshold_parts(self, anchors, k):
+        return [w.threshold_part(anchors, k) for w in self.workers]
+
+    def score(self, shards, task, anchors, thresholds, part_paths):
+        for i, path in zip(shards, part_paths):
+            yield self.workers[i].score(task, anchors, thresholds, path)
+
+    def info(self):
+        return {"backend": "local", "workers": [w.info() for w in self.workers]}
+
+    def close(self):
+        self.workers = []
+
+
+def run_key(inputs: ScoreInputs, cfg: ScoreConfig) -> str:
+    blob = json.dumps({"inputs": input_fingerprint(inputs), "config": dataclasses.asdict(cfg) | {"address": None},
+                       "version": 1}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def run_score(inputs: ScoreInputs, cfg: ScoreConfig, out_dir: str | os.PathLike,
+              make_backend=None) -> dict:
+    """Run (or resume, or skip if finished) one scoring job; returns the summary dict."""
+    out, t0, timings = Path(out_dir), time.perf_counter(), {}
+    key = run_key(inputs, cfg)
+    done = _finished_summary(out, key)
+    if done is not None:
+        log.info("%s: finished run with the same inputs and config found; skipping", out)
+        return done
+    plan = check_inputs(inputs, cfg)
+    timings["check_inputs_s"] = time.perf_counter() - t0
+    n_shards = max(cfg.shards, 1)
+    specs = shard_specs(plan, n_shards)
+    if cfg.strategy == "coreset":
+        return _run_coreset(inputs, cfg, plan, out, key, t0, timings)
+    t = time.perf_counter()
+    backend = (make_backend or (lambda s: LocalBackend(s, cfg.device)))(specs)  # workers load + validate here
+    try:
+        timings["load_s"] = time.perf_counter() - t
+        work = _work_dir(out, key)
+        manifest = json.loads((work / "manifest.json").read_text())
+        thresholds = _thresholds(plan, cfg, backend, work, timings)
+        task = ScoreTask(cfg.strategy, cfg.weight, cfg.budget, cfg.seed, cfg.block_pool, cfg.block_anchor)
+        todo = [s.index for s in specs if str(s.index) not in manifest["shards"]]
+        fail = os.environ.get("HNAL_FAIL_SHARD")
+        t = time.perf_counter()
+        for res in tqdm(backend.score(todo, task, plan.anchors if thresholds is not None else None, thresholds,
+                                      [str(work / "parts" / f"part-{i:05d}.parquet") for i in todo])
+                        if fail is None else _with_failure(backend, todo, task, plan, thresholds, work, int(fail)),
+                        total=len(todo), desc="score shards", unit="shard", disable=None):
+            _record(work, manifest, res)
+        timings["score_s"] = time.perf_counter() - t
+        backend_info = backend.info()
+    finally:
+        backend.close()
+    tops = [_read_top(work, i, plan.tables.pool_id) for i in range(n_shards)]
+    selection = merge_top(tops, cfg.budget)
+    return _finish(out, work, selection, plan, cfg, inputs, key, t0, timings, manifest, backend_info)
+
+
+def _with_failure(backend, todo, task, plan, thresholds, work, shard):
+    """Test switch (HNAL_FAIL_SHARD=i): shard i's worker dies once, mid-shard."""
+    task = dataclasses.replace(task, fail_marker=str(work / f"failed-once-{shard}"))
+    plain = dataclasses.replace(task, fail_marker=None)
+    for i in todo:
+        yield from backend.score([i], task if i == shard else plain,
+                                 plan.anchors if thresholds is not None else None, thresholds,
+                                 [str(work / "parts" / f"part-{i:05d}.parquet")])
+
+
+def _thresholds(plan: Plan, cfg: ScoreConfig, backend, work: Path, timings: dict) -> np.ndarray | None:
+    """Per-anchor thresholds, cached in the work dir so a resumed run does not redo them."""
+    if cfg.strategy != "hard-negative":
+        return None
+    cache = work / "thresholds.npy"
+    if cache.exists():
+        return np.load(cache)
+    t = time.perf_counter()
+    if cfg.threshold_batch is None:
+        thresholds = kth(merge_topk(backend.threshold_parts(plan.anchors, cfg.k), cfg.k), cfg.k)
+    else:
+        key_ids, key_group, key_emb = load_keys_sorted(plan)
+        a = plan.anchors
+        if cfg.side == "image":
+            thresholds = minibatch_thresholds(a.emb, a.group, key_emb, key_ids, cfg.k, cfg.threshold_batch,
+                                              cfg.seed, "image")
+        else:
+            thresholds = minibatch_thresholds(key_emb, key_group, a.emb, a.ids, cfg.k, cfg.threshold_batch,
+                                              cfg.seed, "text")
+    tmp = work / ".thresholds.tmp.npy"
+    np.save(tmp, thresholds)
+    os.replace(tmp, cache)
+    timings["thresholds_s"] = time.perf_counter() - t
+    log.info("thresholds for %d anchors in %.2fs", len(thresholds), timings["thresholds_s"])
+    return thresholds
+
+
+def _run_coreset(inputs, cfg, plan, out, key, t0, timings) -> dict:
+    """Greedy k-center is sequential over picks: it runs on the driver, over the whole pool."""
+    from hnal_ray.io import read_embeddings
+
+    t = time.perf_counter()
+    pool = read_embeddings(plan.tables.pool_path, plan.tables.pool_id, dim=plan.dim)
+    order = np.argsort(pool.ids, kind="stable")
+    ids, emb = pool.ids[order], pool.emb[order]
+    _, _, centers = load_keys_sorted(plan)
+    picked, at_pick, final = coreset_select(emb, centers, cfg.budget, pick_device(cfg.device))
+    final[picked] = at_pick
+    nan = np.full(len(ids), np.nan, np.float32)
+    work = _work_dir(out, key)
+    write_parquet(score_table(plan.tables.pool_id, ids, final, nan), work / "parts" / "part-00000.parquet")
+    selection = Ranked(ids[picked], at_pick, nan[: len(picked)])
+    timings["score_s"] = time.perf_counter() - t
+    manifest = {"shards": {"0": {"rows": len(ids), "pairs": 0, "seconds": timings["score_s"], "node": "driver"}}}
+    return _finish(out, work, selection, plan, cfg, inputs, key, t0, timings, manifest, {"backend": "driver"})
+
+
+def _work_dir(out: Path, key: str) -> Path:
+    """out/.work holds parts and the manifest of an unfinished run; another run's is discarded."""
+    work = out / ".work"
+    mf = work / "manifest.json"
+    if mf.exists() and json.loads(mf.read_text()).get("run_key") == key:
+        return work
+    shutil.rmtree(work, ignore_errors=True)
+    (work / "parts").mkdir(parents=True)
+    (work / "top").mkdir()
+    write_json({"run_key": key, "shards": {}}, mf)
+    return work
+
+
+def _record(work: Path, manifest: dict, res: ShardResult) -> None:
+    write_parquet(pa.table({"id": res.top.ids, "score": res.top.scores, "max_margin": res.top.max_margin}),
+                  work / "top" / f"part-{res.index:05d}.parquet")
+    manifest["shards"][str(res.index)] = {"rows": res.rows, "pairs": res.pairs, "seconds": res.seconds,
+                                          "node": res.node,
+                                          "pairs_per_second": res.pairs / max(res.seconds, 1e-9)}
+    write_json(manifest, work / "manifest.json")
+
+
+def _read_top(work: Path, i: int, id_column: str) -> Ranked:
+    t = pq.read_table(work / "top" / f"part-{i:05d}.parquet")
+    return Ranked(t["id"].to_numpy(), t["score"].to_numpy(), t["max_margin"].to_numpy())
+
+
+def _finished_summary(out: Path, key: str) -> dict | None:
+    f = out / "summary.json"
+    if f.exists() and (out / "selection.parquet").exists() and (out / "scores.parquet").exists():
+        summary = json.loads(f.read_text())
+        if summary.get("run_key") == key:
+            return summary
+    return None
+
+
+def _finish(out, work, selection: Ranked, plan: Plan, cfg, inputs, key, t0, timings, manifest, backend_info):
+    id_col = plan.tables.pool_id
+    write_parquet(pa.table({id_col: pa.array(selection.ids, pa.int64()),
+                            "score": pa.array(selection.scores, pa.float64()),
+                            "rank": pa.array(np.arange(1, len(selection) + 1, dtype=np.int32), pa.int32())}),
+                  out / "selection.parquet")
+    final_scores = out / "scores.parquet"
+    if final_scores.is_dir():
+        shutil.rmtree(final_scores)
+    elif final_scores.exists():
+        final_scores.unlink()
+    os.replace(work / "parts", final_scores)
+    shards = [{"shard": int(i)} | v for i, v in sorted(manifest["shards"].items(), key=lambda kv: int(kv[0]))]
+    pairs = sum(s["pairs"] for s in shards)
+    timings["total_s"] = time.perf_counter() - t0
+    score_s = timings.get("score_s", 0.0)
+    summary = {
+        "run_key": key, "inputs": dataclasses.asdict(inputs), "config": dataclasses.asdict(cfg), "seed": cfg.seed,
+        "counts": {"pool": plan.n_pool, "paired_images": plan.n_paired_images, "paired_texts": plan.n_paired_texts,
+                   "anchors": len(plan.anchors.ids), "selected": len(selection), "dim": plan.dim},
+        "timings": timings, "pairs_scored": pairs,
+        "pairs_per_second": pairs / score_s if score_s else 0.0,
+        "shards": shards, "backend": backend_info,
+    }
+    write_json(summary, out / "summary.json")
+    shutil.rmtree(work, ignore_errors=True)
+    log.info("selected %d of %d pool items in %.2fs (%.3g pairs/s); outputs in %s", len(selection), plan.n_pool,
+             timings["total_s"], summary["pairs_per_second"], out)
+    return summary
