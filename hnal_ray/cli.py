@@ -46,12 +46,12 @@ def cmd_score(a: argparse.Namespace) -> int:
                       threshold_batch=a.threshold_batch, side=a.side, seed=a.seed, shards=a.shards,
                       address=a.address, device=a.device, block_pool=a.block_pool, block_anchor=a.block_anchor)
     inputs = ScoreInputs(a.paired_images, a.paired_texts, a.pool)
-    make_backend = None
     if cfg.shards > 0:
-        from hnal_ray.cluster.score import ray_backend
+        from hnal_ray.cluster.score import run_score_on_ray
 
-        make_backend = ray_backend(cfg)
-    summary = run_score(inputs, cfg, a.out, make_backend)
+        summary = run_score_on_ray(inputs, cfg, a.out)
+    else:
+        summary = run_score(inputs, cfg, a.out)
     print(json.dumps({"out": a.out, "selected": summary["counts"]["selected"],
                       "pairs_per_second": round(summary["pairs_per_second"])}))
     return 0

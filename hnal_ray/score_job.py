@@ -35,8 +35,9 @@ log = logging.getLogger(__name__)
 
 class Backend(Protocol):
     def threshold_parts(self, anchors: Anchors, k: int) -> list[np.ndarray]: ...
-    def score(self, shards: list[int], task: ScoreTask, anchors: Anchors | None,
-              thresholds: np.ndarray | None, part_paths: list[str]) -> Iterator[ShardResult]: ...
+    def score(self, shards: list[int], tasks: list[ScoreTask], anchors: Anchors | None,
+              thresholds: np.ndarray | None, part_paths: list[str]) -> Iterator[ShardResult]:
+        """Score the given shards (task and output path per shard); yield results as they finish."""
     def info(self) -> dict: ...
     def close(self) -> None: ...
 
@@ -50,8 +51,8 @@ class LocalBackend:
     def threshold_parts(self, anchors, k):
         return [w.threshold_part(anchors, k) for w in self.workers]
 
-    def score(self, shards, task, anchors, thresholds, part_paths):
-        for i, path in zip(shards, part_paths):
+    def score(self, shards, tasks, anchors, thresholds, part_paths):
+        for i, task, path in zip(shards, tasks, part_paths):
             yield self.workers[i].score(task, anchors, thresholds, path)
 
     def info(self):
@@ -90,13 +91,14 @@ def run_score(inputs: ScoreInputs, cfg: ScoreConfig, out_dir: str | os.PathLike,
         manifest = json.loads((work / "manifest.json").read_text())
         thresholds = _thresholds(plan, cfg, backend, work, timings)
         task = ScoreTask(cfg.strategy, cfg.weight, cfg.budget, cfg.seed, cfg.block_pool, cfg.block_anchor)
-        todo = [s.index for s in specs if str(s.index) not in manifest["shards"]]
-        fail = os.environ.get("HNAL_FAIL_SHARD")
+        todo = [s.index for s in specs if not _shard_done(work, manifest, s.index)]
+        fail = os.environ.get("HNAL_FAIL_SHARD")  # test switch: that shard's worker dies once, mid-shard
+        tasks = [dataclasses.replace(task, fail_marker=str(work / f"failed-once-{i}")) if str(i) == fail else task
+                 for i in todo]
         t = time.perf_counter()
-        for res in tqdm(backend.score(todo, task, plan.anchors if thresholds is not None else None, thresholds,
-                                      [str(work / "parts" / f"part-{i:05d}.parquet") for i in todo])
-                        if fail is None else _with_failure(backend, todo, task, plan, thresholds, work, int(fail)),
-                        total=len(todo), desc="score shards", unit="shard", disable=None):
+        results = backend.score(todo, tasks, plan.anchors if thresholds is not None else None, thresholds,
+                                [str(work / "parts" / f"part-{i:05d}.parquet") for i in todo])
+        for res in tqdm(results, total=len(todo), desc="score shards", unit="shard", disable=None):
             _record(work, manifest, res)
         timings["score_s"] = time.perf_counter() - t
         backend_info = backend.info()
@@ -105,16 +107,6 @@ def run_score(inputs: ScoreInputs, cfg: ScoreConfig, out_dir: str | os.PathLike,
     tops = [_read_top(work, i, plan.tables.pool_id) for i in range(n_shards)]
     selection = merge_top(tops, cfg.budget)
     return _finish(out, work, selection, plan, cfg, inputs, key, t0, timings, manifest, backend_info)
-
-
-def _with_failure(backend, todo, task, plan, thresholds, work, shard):
-    """Test switch (HNAL_FAIL_SHARD=i): shard i's worker dies once, mid-shard."""
-    task = dataclasses.replace(task, fail_marker=str(work / f"failed-once-{shard}"))
-    plain = dataclasses.replace(task, fail_marker=None)
-    for i in todo:
-        yield from backend.score([i], task if i == shard else plain,
-                                 plan.anchors if thresholds is not None else None, thresholds,
-                                 [str(work / "parts" / f"part-{i:05d}.parquet")])
 
 
 def _thresholds(plan: Plan, cfg: ScoreConfig, backend, work: Path, timings: dict) -> np.ndarray | None:
@@ -181,9 +173,15 @@ def _record(work: Path, manifest: dict, res: ShardResult) -> None:
     write_parquet(pa.table({"id": res.top.ids, "score": res.top.scores, "max_margin": res.top.max_margin}),
                   work / "top" / f"part-{res.index:05d}.parquet")
     manifest["shards"][str(res.index)] = {"rows": res.rows, "pairs": res.pairs, "seconds": res.seconds,
-                                          "node": res.node,
+                                          "node": res.node, "pid": res.pid,
                                           "pairs_per_second": res.pairs / max(res.seconds, 1e-9)}
     write_json(manifest, work / "manifest.json")
+
+
+def _shard_done(work: Path, manifest: dict, i: int) -> bool:
+    """Recorded in the manifest and both its files still there (a deleted part is redone)."""
+    return (str(i) in manifest["shards"] and (work / "parts" / f"part-{i:05d}.parquet").exists()
+            and (work / "top" / f"part-{i:05d}.parquet").exists())
 
 
 def _read_top(work: Path, i: int, id_column: str) -> Ranked:

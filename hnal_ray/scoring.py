@@ -37,9 +37,9 @@ def score_pool(pool_emb: np.ndarray, anchor_emb: np.ndarray, thresholds: np.ndar
     n_u, n_a = len(pool_emb), len(anchor_emb)
     scores = np.zeros(n_u, dtype=np.float64)
     max_margin = np.full(n_u, -np.inf, dtype=np.float32)
-    anchors = torch.from_numpy(np.ascontiguousarray(anchor_emb, dtype=np.float32)).to(device)
-    xi = torch.from_numpy(np.ascontiguousarray(thresholds, dtype=np.float32)).to(device)
-    pool = torch.from_numpy(np.ascontiguousarray(pool_emb, dtype=np.float32))
+    anchors = _tensor(anchor_emb).to(device)
+    xi = _tensor(thresholds).to(device)
+    pool = _tensor(pool_emb)
     with torch.inference_mode():
         for u0 in range(0, n_u, block_pool):
             p = pool[u0:u0 + block_pool].to(device, non_blocking=True)
@@ -56,3 +56,8 @@ def score_pool(pool_emb: np.ndarray, anchor_emb: np.ndarray, thresholds: np.ndar
             scores[u0:u0 + len(p)] = acc.cpu().numpy()
             max_margin[u0:u0 + len(p)] = mm.cpu().numpy()
     return PoolScores(scores, max_margin, n_u * n_a)
+
+
+def _tensor(x: np.ndarray) -> torch.Tensor:
+    """float32 C-contiguous tensor; copies arrays that are read-only (e.g. from Ray's object store)."""
+    return torch.from_numpy(np.require(x, np.float32, ["C_CONTIGUOUS", "WRITEABLE"]))

@@ -13,6 +13,7 @@ import torch
 from hnal_ray.device import faiss_uses_gpu
 
 _GPU_RES = None
+_SLACK = 2  # extra candidates, so float32 near-ties at rank k are settled in float64
 
 
 def _knn_ip(query: np.ndarray, keys: np.ndarray, kk: int, device: torch.device) -> tuple[np.ndarray, np.ndarray]:
@@ -29,26 +30,32 @@ def _knn_ip(query: np.ndarray, keys: np.ndarray, kk: int, device: torch.device) 
 
 
 def negative_topk(anchor_emb: np.ndarray, anchor_group: np.ndarray, key_emb: np.ndarray,
-                  key_group: np.ndarray, k: int, device: torch.device | None = None) -> np.ndarray:
+                  key_group: np.ndarray, k: int, device: torch.device | None = None,
+                  block: int = 4096) -> np.ndarray:
     """Top-k negative similarities of each anchor among these keys, descending.
 
     anchor_emb: (n_a, d) float32; anchor_group: (n_a,) int64; key_emb: (n_k, d); key_group: (n_k,).
-    Returns (n_a, k) float32, padded with -inf where fewer than k negatives exist. Works on any
-    shard of the keys; `merge_topk` combines shards. FAISS asks for k + (largest group size)
-    neighbours, so after dropping the anchor's own group at least k negatives remain.
+    Returns (n_a, k) float64, padded with -inf where fewer than k negatives exist. Works on any
+    shard of the keys; `merge_topk` combines shards. FAISS finds k + (largest group size) + 2
+    candidates, so after dropping the anchor's own group at least k negatives remain; their
+    similarities are then recomputed in float64, so a threshold does not depend on how FAISS
+    blocked the search (i.e. on the sharding) and near-ties at rank k are settled exactly.
     """
     device = device or torch.device("cpu")
     n_a = len(anchor_emb)
-    out = np.full((n_a, k), -np.inf, dtype=np.float32)
+    out = np.full((n_a, k), -np.inf)
     if n_a == 0 or len(key_emb) == 0:
         return out
     extra = int(np.unique(key_group, return_counts=True)[1].max())
-    kk = min(k + extra, len(key_emb))
-    vals, idx = _knn_ip(anchor_emb, key_emb, kk, device)
-    vals = np.where(key_group[idx] == anchor_group[:, None], -np.inf, vals).astype(np.float32)
-    vals = -np.sort(-vals, axis=1)
+    kk = min(k + extra + _SLACK, len(key_emb))
+    _, idx = _knn_ip(anchor_emb, key_emb, kk, device)
     m = min(k, kk)
-    out[:, :m] = vals[:, :m]
+    for a0 in range(0, n_a, block):
+        rows = slice(a0, a0 + block)
+        cand = idx[rows]
+        vals = np.einsum("id,icd->ic", anchor_emb[rows].astype(np.float64), key_emb[cand].astype(np.float64))
+        vals[key_group[cand] == anchor_group[rows, None]] = -np.inf
+        out[rows, :m] = -np.sort(-vals, axis=1)[:, :m]
     return out
 
 
@@ -59,7 +66,7 @@ def merge_topk(parts: list[np.ndarray], k: int) -> np.ndarray:
 
 
 def kth(topk: np.ndarray, k: int) -> np.ndarray:
-    """Thresholds from merged top-k lists: the k-th value (-inf when fewer than k negatives)."""
+    """Thresholds (n_a,) float32 from merged top-k lists: the k-th value (-inf if fewer negatives)."""
     return topk[:, k - 1].astype(np.float32)
 
 

@@ -67,6 +67,7 @@ class ShardResult:
     pairs: int
     seconds: float
     node: str
+    pid: int
 
 
 class ShardWorker:
@@ -110,7 +111,7 @@ class ShardWorker:
         log.info("shard %d: %d items x %d anchors in %.2fs (%.3g pairs/s)", self.spec.index, len(ids),
                  0 if anchors is None else len(anchors.ids), seconds, pairs / max(seconds, 1e-9))
         return ShardResult(self.spec.index, select_top(ids, scores, margin, task.budget), len(ids), pairs,
-                           seconds, socket.gethostname())
+                           seconds, socket.gethostname(), os.getpid())
 
 
 def score_table(id_column: str, ids: np.ndarray, scores: np.ndarray, max_margin: np.ndarray) -> pa.Table:

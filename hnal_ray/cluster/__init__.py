@@ -1,0 +1,1 @@
+"""Everything that touches Ray lives in this subpackage (actors, sessions, Data, Train)."""

@@ -1,0 +1,32 @@
+"""Connect to a Ray cluster, or start an embedded one and stop it at the end."""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+
+import ray
+
+log = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def ray_session(address: str | None = None, num_cpus: int | None = None):
+    """`address`, else RAY_ADDRESS (set by `ray job submit`), else an embedded local Ray.
+
+    Reuses a Ray already initialised in this process (tests, notebooks) and leaves it running.
+    """
+    if ray.is_initialized():
+        yield
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, logging_level=logging.WARNING)
+        log.info("connected to Ray at %s: %s", address, ray.cluster_resources())
+    else:
+        ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING)
+        log.info("started an embedded Ray: %s", ray.cluster_resources())
+    try:
+        yield
+    finally:
+        ray.shutdown()
