@@ -24,7 +24,7 @@ def ray_session(address: str | None = None, num_cpus: int | None = None):
         ray.init(address=address, logging_level=logging.WARNING)
         log.info("connected to Ray at %s: %s", address, ray.cluster_resources())
     else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING)
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING)
         log.info("started an embedded Ray: %s", ray.cluster_resources())
     try:
         yield

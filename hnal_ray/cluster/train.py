@@ -1,0 +1,100 @@
+"""Distributed training of the dual encoder on Ray Train (TorchTrainer, DDP: gloo on CPU, nccl on GPU)."""
+from __future__ import annotations
+
+import copy
+import json
+import dataclasses
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import ray
+import ray.train
+import ray.train.torch
+import torch
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from hnal_ray.features import load_features
+from hnal_ray.model import DualEncoder
+from hnal_ray.training import TrainConfig, epoch_batches, evaluate, save_checkpoint, train_epoch
+
+log = logging.getLogger(__name__)
+
+
+def train_func(config: dict) -> None:
+    """Runs on every Train worker: load features, resume from the latest checkpoint, train, report."""
+    cfg = TrainConfig.from_dict(config["train"])
+    torch.set_num_threads(config.get("threads", 1))
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.manual_seed(cfg.seed)
+    data = load_features(config["features"])
+    train = data.subset(np.asarray(config["train_image_ids"], np.int64))
+    val = data.subset(np.asarray(config["val_image_ids"], np.int64))
+    owner_row = np.searchsorted(train.image_ids, train.text_owner)
+    device = ray.train.torch.get_device()
+    model = ray.train.torch.prepare_model(DualEncoder(cfg.model))
+    inner = model.module if hasattr(model, "module") else model
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    start, best, best_state = 0, {"rsum": -1.0}, None
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as d:
+            state = torch.load(Path(d) / "last.pt", map_location=device)
+            inner.load_state_dict(state["model"])
+            opt.load_state_dict(state["opt"])
+            best_state = torch.load(Path(d) / "best.pt", map_location="cpu")
+            meta = json.loads((Path(d) / "meta.json").read_text())
+            start, best = meta["epoch"] + 1, meta["best"]
+    for epoch in range(start, cfg.epochs):
+        batches = epoch_batches(len(train.text_ids), cfg.batch_size, cfg.seed, epoch, rank, world)
+        loss = train_epoch(model, opt, train, owner_row, batches, cfg, epoch, device)
+        metrics = evaluate(inner, val, device) | {"epoch": epoch, "loss": loss, "resumed_at": start}
+        if metrics["rsum"] > best["rsum"]:
+            best, best_state = dict(metrics), copy.deepcopy({k: v.cpu() for k, v in inner.state_dict().items()})
+        _maybe_fail(config, epoch, rank, world)
+        with tempfile.TemporaryDirectory() as tmp:
+            ckpt = None
+            if rank == 0:
+                save_checkpoint(Path(tmp), inner, opt, epoch, best, best_state)
+                ckpt = ray.train.Checkpoint.from_directory(tmp)
+            ray.train.report(metrics | {"best_rsum": best["rsum"]}, checkpoint=ckpt)
+
+
+def _maybe_fail(config: dict, epoch: int, rank: int, world: int) -> None:
+    """Test switch: the last worker dies once, at `fail_at_epoch`, before reporting it."""
+    marker = config.get("fail_marker")
+    if marker and epoch == config.get("fail_at_epoch") and rank == world - 1 and not os.path.exists(marker):
+        Path(marker).touch()
+        os._exit(1)
+
+
+@dataclasses.dataclass(frozen=True)
+class FitResult:
+    checkpoint: str      # directory with best.pt, last.pt, meta.json
+    best: dict           # validation metrics of the best epoch
+    last: dict           # metrics of the last reported epoch
+
+
+def fit(features_dir: str, train_image_ids, val_image_ids, cfg: TrainConfig, storage_path: str, name: str,
+        fail_at_epoch: int | None = None) -> FitResult:
+    """Train with `cfg.num_workers` workers; a rerun with the same (storage_path, name) resumes."""
+    use_gpu = cfg.use_gpu if cfg.use_gpu is not None else ray.cluster_resources().get("GPU", 0) >= 1
+    config = {"train": dataclasses.asdict(cfg), "features": str(Path(features_dir).resolve()),
+              "train_image_ids": [int(i) for i in train_image_ids], "val_image_ids": [int(i) for i in val_image_ids]}
+    if fail_at_epoch is not None:
+        config |= {"fail_at_epoch": fail_at_epoch, "fail_marker": str(Path(storage_path) / f".{name}.failed-once")}
+    trainer = TorchTrainer(
+        train_func, train_loop_config=config,
+        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=use_gpu, resources_per_worker={"CPU": 1}),
+        run_config=RunConfig(storage_path=str(Path(storage_path).resolve()), name=name,
+                             failure_config=FailureConfig(max_failures=cfg.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=1)))
+    result = trainer.fit()
+    with result.checkpoint.as_directory() as d:
+        meta = json.loads((Path(d) / "meta.json").read_text())
+    log.info("trained %s: best epoch %d rsum %.1f", name, meta["best"].get("epoch", -1), meta["best"]["rsum"])
+    return FitResult(result.checkpoint.path, meta["best"], dict(result.metrics))

@@ -1,0 +1,95 @@
+"""The training loop's pure parts: pair batches, one epoch of VSE++ steps, evaluation, checkpoints."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from hnal_ray.features import FeatureSet
+from hnal_ray.loss import vse_loss
+from hnal_ray.metrics import recall_at_k
+from hnal_ray.model import DualEncoder, ModelConfig
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 20
+    batch_size: int = 128          # global: split evenly over the workers
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    margin: float = 0.2
+    warmup_epochs: int = 2         # sum-of-hinges epochs before max-of-hinges (VSE++ on small data)
+    num_workers: int = 2
+    use_gpu: bool | None = None    # None: when the cluster has GPUs
+    seed: int = 0
+    max_failures: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        d = dict(d)
+        d["model"] = ModelConfig(**d.get("model", {}))
+        return cls(**d)
+
+
+def epoch_batches(n_pairs: int, batch_size: int, seed: int, epoch: int, rank: int, world: int) -> list[np.ndarray]:
+    """This worker's batches of pair indices: one seeded shuffle per epoch, each global batch cut
+    into `world` equal slices (the last, short batch is dropped so every worker steps together)."""
+    perm = np.random.default_rng([seed, epoch]).permutation(n_pairs)
+    per = max(batch_size // world, 1)
+    n_batches = n_pairs // (per * world)
+    return [perm[(b * world + rank) * per:(b * world + rank + 1) * per] for b in range(n_batches)]
+
+
+def train_epoch(model: torch.nn.Module, opt: torch.optim.Optimizer, data: FeatureSet, owner_row: np.ndarray,
+                batches: list[np.ndarray], cfg: TrainConfig, epoch: int, device: torch.device) -> float:
+    """One pass; pair p = (image row owner_row[p], text row p). Returns the mean loss."""
+    model.train()
+    losses = []
+    hardest = epoch >= cfg.warmup_epochs
+    for idx in batches:
+        img = torch.from_numpy(data.image_feat[owner_row[idx]]).to(device)
+        txt = torch.from_numpy(data.text_feat[idx]).to(device)
+        owner = torch.from_numpy(data.text_owner[idx]).to(device)
+        a, b = model(img, txt)
+        loss = vse_loss(a, b, owner, cfg.margin, max_violation=hardest)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return float(np.mean(losses)) if losses else 0.0
+
+
+@torch.no_grad()
+def embed(model: DualEncoder, feat: np.ndarray, kind: str, device: torch.device, batch: int = 4096) -> np.ndarray:
+    """(n, D) frozen features -> (n, embed_dim) float32 unit vectors from the model's `kind` head."""
+    model.eval()
+    fn = model.embed_images if kind == "image" else model.embed_texts
+    out = [fn(torch.from_numpy(feat[i:i + batch]).to(device)).cpu().numpy() for i in range(0, len(feat), batch)]
+    return np.concatenate(out) if out else np.zeros((0, model.cfg.embed_dim), np.float32)
+
+
+def evaluate(model: DualEncoder, data: FeatureSet, device: torch.device) -> dict[str, float]:
+    """Recall@1/5/10 both ways, rsum and r1_sum of `model` on a split."""
+    return recall_at_k(embed(model, data.image_feat, "image", device), data.image_ids,
+                       embed(model, data.text_feat, "text", device), data.text_owner)
+
+
+def save_checkpoint(d: Path, model: DualEncoder, opt, epoch: int, best: dict, best_state: dict) -> None:
+    """Latest state (for resuming) plus the best-so-far weights by validation rsum."""
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, d / "last.pt")
+    torch.save(best_state, d / "best.pt")
+    (d / "meta.json").write_text(json.dumps({"epoch": epoch, "best": best, "model": dataclasses.asdict(model.cfg)}))
+
+
+def load_best(checkpoint_dir: str | Path) -> tuple[DualEncoder, dict]:
+    """The best weights of a finished run and their metadata."""
+    d = Path(checkpoint_dir)
+    meta = json.loads((d / "meta.json").read_text())
+    model = DualEncoder(ModelConfig(**meta["model"]))
+    model.load_state_dict(torch.load(d / "best.pt", map_location="cpu"))
+    return model.eval(), meta
