@@ -92,12 +92,14 @@ def cmd_features(a: argparse.Namespace) -> int:
 def cmd_train(a: argparse.Namespace) -> int:
     from hnal_ray.cluster.train import fit
     from hnal_ray.embed import split_ids
+    from hnal_ray.features import load_features
     from hnal_ray.io import write_json
     from hnal_ray.training import TrainConfig
 
     cfg = TrainConfig(epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, num_workers=a.num_workers,
                       warmup_epochs=a.warmup_epochs, seed=a.seed, max_failures=a.max_failures)
-    res = fit(a.features, split_ids(a.data, "train"), split_ids(a.data, "val"), cfg, a.out, a.name)
+    train_texts = load_features(a.features).texts_of(split_ids(a.data, "train"))
+    res = fit(a.features, train_texts, split_ids(a.data, "val"), cfg, a.out, a.name)
     summary = {"checkpoint": res.checkpoint, "best": res.best, "last": res.last}
     write_json(summary, f"{a.out}/{a.name}.json")
     print(json.dumps(summary))
@@ -121,6 +123,19 @@ def cmd_embed(a: argparse.Namespace) -> int:
     from hnal_ray.embed import embed_dir
 
     print(json.dumps({k: str(v) for k, v in embed_dir(a.checkpoint, a.features, a.out).items()}))
+    return 0
+
+
+def cmd_loop(a: argparse.Namespace) -> int:
+    from hnal_ray.al_loop import run_loop
+    from hnal_ray.loop_config import load_loop_config
+
+    cfg = load_loop_config(a.config, a.set)
+    from hnal_ray.cluster.session import ray_session
+
+    with ray_session(a.address):
+        report = run_loop(cfg, a.out)
+    print(f"report: {report.resolve()}")
     return 0
 
 
@@ -178,6 +193,13 @@ def build_parser() -> argparse.ArgumentParser:
     eb.add_argument("--features", required=True)
     eb.add_argument("--out", required=True)
     eb.set_defaults(func=cmd_embed)
+    lp = sub.add_parser("loop", help="the active-learning loop: strategies x seeds x rounds, then a report")
+    lp.add_argument("config", help="run YAML, e.g. jobs/emoji.yaml")
+    lp.add_argument("--out", required=True)
+    lp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a config value, e.g. --set rounds=2 --set train.epochs=5")
+    lp.add_argument("--address", default=None)
+    lp.set_defaults(func=cmd_loop)
     return parser
 
 

@@ -32,6 +32,18 @@ class FeatureSet:
                           self.text_owner[keep_t], self.text_feat[keep_t])
 
 
+    def pairs(self, text_ids: np.ndarray) -> "FeatureSet":
+        """The given texts and the images they describe (a paired set of text-image pairs)."""
+        keep_t = np.isin(self.text_ids, text_ids)
+        keep_i = np.isin(self.image_ids, self.text_owner[keep_t])
+        return FeatureSet(self.image_ids[keep_i], self.image_feat[keep_i], self.text_ids[keep_t],
+                          self.text_owner[keep_t], self.text_feat[keep_t])
+
+    def texts_of(self, image_ids: np.ndarray) -> np.ndarray:
+        """Sorted ids of every text of the given images."""
+        return self.text_ids[np.isin(self.text_owner, image_ids)]
+
+
 def load_features(feature_dir: str | Path) -> FeatureSet:
     d = Path(feature_dir)
     img = read_embeddings(d / "images.parquet", "image_id")

@@ -45,7 +45,8 @@ def test_fit_learns_recovers_a_killed_worker_and_resumes(tmp_path):
     model_cfg = ModelConfig(image_dim=32, text_dim=16, embed_dim=16, hidden=64)
     cfg = TrainConfig(epochs=4, batch_size=32, lr=3e-3, warmup_epochs=1, num_workers=2, max_failures=1,
                       model=model_cfg)
-    res = fit(str(tmp_path), train_ids, val_ids, cfg, str(tmp_path / "runs"), "t", fail_at_epoch=2)
+    train_texts = load_features(tmp_path).texts_of(train_ids)
+    res = fit(str(tmp_path), train_texts, val_ids, cfg, str(tmp_path / "runs"), "t", fail_at_epoch=2)
     assert (tmp_path / "runs" / ".t.failed-once").exists()          # a worker did die
     # ...and training went on from a checkpoint (epoch 1's, or epoch 0's if the controller had not
     # yet registered epoch 1's when the worker group died), not from scratch
@@ -60,7 +61,7 @@ def test_fit_learns_recovers_a_killed_worker_and_resumes(tmp_path):
     assert meta["best"]["rsum"] == max(meta["best"]["rsum"], res.last["best_rsum"])
     assert trained["rsum"] > random_rsum + 100, (trained, random_rsum)
 
-    more = fit(str(tmp_path), train_ids, val_ids, TrainConfig(**{**cfg.__dict__, "epochs": 6}),
+    more = fit(str(tmp_path), train_texts, val_ids, TrainConfig(**{**cfg.__dict__, "epochs": 6}),
                str(tmp_path / "runs"), "t")
     assert more.last["epoch"] == 5 and more.last["resumed_at"] == 4    # picked up after epoch 3
     assert json.loads(json.dumps(more.best))["rsum"] >= meta["best"]["rsum"]

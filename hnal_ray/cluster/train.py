@@ -32,7 +32,7 @@ def train_func(config: dict) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.manual_seed(cfg.seed)
     data = load_features(config["features"])
-    train = data.subset(np.asarray(config["train_image_ids"], np.int64))
+    train = data.pairs(np.asarray(config["train_text_ids"], np.int64))
     val = data.subset(np.asarray(config["val_image_ids"], np.int64))
     owner_row = np.searchsorted(train.image_ids, train.text_owner)
     device = ray.train.torch.get_device()
@@ -79,12 +79,13 @@ class FitResult:
     last: dict           # metrics of the last reported epoch
 
 
-def fit(features_dir: str, train_image_ids, val_image_ids, cfg: TrainConfig, storage_path: str, name: str,
+def fit(features_dir: str, train_text_ids, val_image_ids, cfg: TrainConfig, storage_path: str, name: str,
         fail_at_epoch: int | None = None) -> FitResult:
-    """Train with `cfg.num_workers` workers; a rerun with the same (storage_path, name) resumes."""
+    """Train on the pairs (text, its image) of `train_text_ids`, validate on the images
+    `val_image_ids` with all their texts; a rerun with the same (storage_path, name) resumes."""
     use_gpu = cfg.use_gpu if cfg.use_gpu is not None else ray.cluster_resources().get("GPU", 0) >= 1
     config = {"train": dataclasses.asdict(cfg), "features": str(Path(features_dir).resolve()),
-              "train_image_ids": [int(i) for i in train_image_ids], "val_image_ids": [int(i) for i in val_image_ids]}
+              "train_text_ids": [int(i) for i in train_text_ids], "val_image_ids": [int(i) for i in val_image_ids]}
     if fail_at_epoch is not None:
         config |= {"fail_at_epoch": fail_at_epoch, "fail_marker": str(Path(storage_path) / f".{name}.failed-once")}
     trainer = TorchTrainer(

@@ -264,3 +264,17 @@ def decode_png(png: bytes) -> np.ndarray:
     """(72, 72, 3) uint8 pixels of one `png` cell."""
     with Image.open(io.BytesIO(png)) as im:
         return np.asarray(im.convert("RGB"))
+
+
+def subsample_dataset(src_dir: Path, out_dir: Path, n_images: int, seed: int = 0) -> dict:
+    """A smaller copy of a built data set: `n_images` images drawn (seeded) with their captions
+    and split rows, ids unchanged. For smoke runs and tests."""
+    src = load_emoji_dataset(src_dir)
+    ids = src.images.column("image_id").to_numpy()
+    keep = np.sort(np.random.default_rng(seed).choice(ids, min(n_images, len(ids)), replace=False))
+    out_dir = Path(out_dir)
+    for name, table in zip(EmojiTables._fields, src):
+        mask = np.isin(table.column("image_id").to_numpy(), keep)
+        write_parquet(table.filter(pa.array(mask)), out_dir / f"{name}.parquet")
+    (out_dir / "ATTRIBUTION.txt").write_text((Path(src_dir) / "ATTRIBUTION.txt").read_text())
+    return {"images": len(keep)}

@@ -1,0 +1,82 @@
+"""The active-learning run's config: one YAML per run (jobs/*.yaml), loaded into frozen dataclasses."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from hnal_ray.config import ConfigError, ScoreConfig
+from hnal_ray.model import ModelConfig
+from hnal_ray.training import TrainConfig
+
+
+@dataclass(frozen=True)
+class StrategyConfig:
+    """One selection strategy: a name for plots and a `hnal score` configuration."""
+
+    name: str
+    strategy: str = "hard-negative"
+    weight: str = "surplus"
+    k: int = 1
+    threshold_batch: int | None = None
+    side: str = "image"
+
+    def score_config(self, budget: int, seed: int, shards: int) -> ScoreConfig:
+        return ScoreConfig(budget=budget, strategy=self.strategy, weight=self.weight, k=self.k,
+                           threshold_batch=self.threshold_batch, side=self.side, seed=seed, shards=shards)
+
+
+@dataclass(frozen=True)
+class LoopConfig:
+    data: str                       # data set dir (built with `hnal data emoji` if missing)
+    features: str                   # frozen features dir (extracted if missing)
+    seed_size: int = 300            # paired images at round 0 (drawn from the train split)
+    budget: int = 100               # pool items annotated per round
+    rounds: int = 3
+    seeds: tuple[int, ...] = (0, 1, 2)
+    strategies: tuple[StrategyConfig, ...] = ()
+    train: TrainConfig = field(default_factory=TrainConfig)
+    shards: int = 2                 # Ray actors for scoring; 0 = in-process
+    data_subset: int | None = None  # build the data set from this many images only (smoke runs)
+
+    def __post_init__(self):
+        if not self.strategies:
+            raise ConfigError("strategies: at least one strategy is needed")
+        names = [s.name for s in self.strategies]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"strategies: names must be unique, got {names}")
+        for s in self.strategies:
+            s.score_config(self.budget, 0, self.shards)  # validates each strategy's options
+        if self.seed_size < 2 or self.rounds < 0:
+            raise ConfigError("seed_size must be >= 2 and rounds >= 0")
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """`key=value` or `section.key=value` (value parsed as YAML) on top of the YAML's values."""
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--set expects key=value, got {item!r}")
+        *parents, leaf = key.split(".")
+        node = raw
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = yaml.safe_load(value)
+    return raw
+
+
+def load_loop_config(path: str | Path, overrides: list[str] = ()) -> LoopConfig:
+    """Parse a run YAML (+ overrides); relative data/features paths are relative to the cwd."""
+    raw = apply_overrides(yaml.safe_load(Path(path).read_text()) or {}, list(overrides))
+    try:
+        strategies = tuple(StrategyConfig(**s) for s in raw.pop("strategies", []))
+        train = raw.pop("train", {}) or {}
+        model = ModelConfig(**train.pop("model", {}))
+        cfg = LoopConfig(**raw, strategies=strategies, train=TrainConfig(**train, model=model))
+    except TypeError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    return dataclasses.replace(cfg, seeds=tuple(cfg.seeds))

@@ -1,0 +1,141 @@
+"""The run report: learning curves (PNG), a table per round, and a "why selected" page."""
+from __future__ import annotations
+
+import html
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from hnal_ray.io import read_embeddings, write_parquet
+from hnal_ray.loop_config import LoopConfig, StrategyConfig
+from hnal_ray.thresholds import kth, minibatch_thresholds, negative_topk
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+    """Mean and standard deviation over seeds per (strategy, round)."""
+    out = []
+    keys = sorted({(r["strategy"], r["round"]) for r in rows}, key=lambda k: (k[0], k[1]))
+    for strategy, rnd in keys:
+        group = [r for r in rows if r["strategy"] == strategy and r["round"] == rnd]
+        row = {"strategy": strategy, "round": rnd, "seeds": len(group),
+               "annotated": float(np.mean([g["annotated"] for g in group]))}
+        for m in ("r1_sum", "rsum", "i2t_R@1", "t2i_R@1"):
+            vals = np.array([g[m] for g in group])
+            row[m], row[f"{m}_std"] = float(vals.mean()), float(vals.std())
+        out.append(row)
+    return out
+
+
+def plot_curves(summary: list[dict], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for ax, metric, label in ((axes[0], "r1_sum", "R@1-sum (test)"), (axes[1], "rsum", "rsum (test)")):
+        for strategy in dict.fromkeys(r["strategy"] for r in summary):
+            pts = sorted((r for r in summary if r["strategy"] == strategy), key=lambda r: r["round"])
+            x = np.array([p["annotated"] for p in pts])
+            y, sd = np.array([p[metric] for p in pts]), np.array([p[f"{metric}_std"] for p in pts])
+            ax.plot(x, y, marker="o", label=strategy)
+            ax.fill_between(x, y - sd, y + sd, alpha=0.15)
+        ax.set_xlabel("annotated pool items")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"mean and spread (1 std) over {summary[0]['seeds']} seed(s)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def explain(state_dir: Path, strategy: StrategyConfig, captions: dict[int, str], top: int = 8,
+            per_item: int = 5) -> list[dict]:
+    """For the first `top` selected images of a round: the paired texts each beats (s > xi) and by how much."""
+    emb = state_dir / "embeddings"
+    images = read_embeddings(emb / "paired" / "images.parquet", "image_id")
+    texts = read_embeddings(emb / "paired" / "captions.parquet", "text_id", "image_id")
+    pool = read_embeddings(emb / "pool" / "images.parquet", "image_id")
+    oi, ot = np.argsort(images.ids), np.argsort(texts.ids)
+    img_ids, img_emb = images.ids[oi], images.emb[oi]
+    txt_ids, owner, txt_emb = texts.ids[ot], texts.owner[ot], texts.emb[ot]
+    if strategy.threshold_batch:
+        xi = minibatch_thresholds(txt_emb, owner, img_emb, img_ids, strategy.k, strategy.threshold_batch,
+                                  json.loads((state_dir / "score" / "summary.json").read_text())["seed"], "image")
+    else:
+        xi = kth(negative_topk(txt_emb, owner, img_emb, img_ids, strategy.k), strategy.k)
+    sel = pq.read_table(state_dir / "score" / "selection.parquet").to_pydict()
+    out = []
+    for image_id, score in list(zip(sel["image_id"], sel["score"]))[:top]:
+        u = pool.emb[np.flatnonzero(pool.ids == image_id)[0]]
+        margin = txt_emb @ u - xi
+        beats = np.argsort(-margin)[:per_item]
+        out.append({"image_id": int(image_id), "score": float(score), "texts_beaten": int((margin > 0).sum()),
+                    "beats": [{"text": captions[int(txt_ids[j])], "margin": float(margin[j])}
+                              for j in beats if margin[j] > 0]})
+    return out
+
+
+def write_report(cfg: LoopConfig, out: Path, rows: list[dict]) -> Path:
+    """DIR/report.md and DIR/report.html (+ curves.png, metrics.parquet, thumbs/)."""
+    write_parquet(pa.Table.from_pylist(rows), out / "metrics.parquet")
+    summary = summarize(rows)
+    plot_curves(summary, out / "curves.png")
+    table = ["| strategy | round | annotated | R@1-sum | rsum |", "|---|---|---|---|---|"]
+    table += [f"| {r['strategy']} | {r['round']} | {r['annotated']:.0f} | {r['r1_sum']:.1f} ± {r['r1_sum_std']:.1f}"
+              f" | {r['rsum']:.1f} ± {r['rsum_std']:.1f} |" for r in sorted(summary, key=lambda r: (r["round"],
+                                                                                                  r["strategy"]))]
+    why = _why_selected(cfg, out)
+    md = ["# Active-learning report", "", f"Budget {cfg.budget} per round, {cfg.rounds} rounds, seed set "
+          f"{cfg.seed_size} images, seeds {list(cfg.seeds)}; metrics on the test split.", "",
+          "![learning curves](curves.png)", "", "## Metrics per round (mean ± std over seeds)", "", *table, ""]
+    md += ["## Why selected", "", why["md"]] if why else []
+    (out / "report.md").write_text("\n".join(md) + "\n")
+    rows_html = "".join(f"<tr><td>{html.escape(r['strategy'])}</td><td>{r['round']}</td><td>{r['annotated']:.0f}</td>"
+                        f"<td>{r['r1_sum']:.1f} ± {r['r1_sum_std']:.1f}</td><td>{r['rsum']:.1f} ± "
+                        f"{r['rsum_std']:.1f}</td></tr>" for r in sorted(summary, key=lambda r: (r["round"],
+                                                                                                 r["strategy"])))
+    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>hnal_ray report</title><style>"
+            f"body{{font-family:sans-serif;max-width:1100px;margin:auto}}td,th{{padding:2px 8px;border-bottom:1px"
+            f" solid #ddd}}.item{{display:flex;gap:12px;margin:10px 0}}</style></head><body>"
+            f"<h1>Active-learning report</h1><p>Budget {cfg.budget} per round, {cfg.rounds} rounds, seed set "
+            f"{cfg.seed_size} images, seeds {list(cfg.seeds)}; metrics on the test split.</p>"
+            f"<img src='curves.png' width='100%'><h2>Metrics per round (mean ± std over seeds)</h2><table>"
+            f"<tr><th>strategy</th><th>round</th><th>annotated</th><th>R@1-sum</th><th>rsum</th></tr>{rows_html}"
+            f"</table>{why['html'] if why else ''}</body></html>")
+    (out / "report.html").write_text(page)
+    return out / "report.html"
+
+
+def _why_selected(cfg: LoopConfig, out: Path) -> dict | None:
+    """The first image-side hard-negative strategy, first seed, last round."""
+    strategy = next((s for s in cfg.strategies if s.strategy == "hard-negative" and s.side == "image"), None)
+    if strategy is None or cfg.rounds < 1:
+        return None
+    state_dir = out / strategy.name / f"seed-{cfg.seeds[0]}" / f"round-{cfg.rounds}"
+    caps = pq.read_table(Path(cfg.data) / "captions.parquet", columns=["text_id", "text", "image_id"]).to_pydict()
+    captions = dict(zip(caps["text_id"], caps["text"]))
+    own = {}
+    for t, i in zip(caps["text"], caps["image_id"]):
+        own.setdefault(i, []).append(t)
+    items = explain(state_dir, strategy, captions)
+    images = pq.read_table(Path(cfg.data) / "images.parquet", columns=["image_id", "png"]).to_pydict()
+    png = dict(zip(images["image_id"], images["png"]))
+    (out / "thumbs").mkdir(exist_ok=True)
+    md, hs = [f"Strategy `{strategy.name}`, seed {cfg.seeds[0]}, round {cfg.rounds}: the top selected images, "
+              f"the paired texts each beats (s(u,t) - xi_t > 0) and by how much.", ""], []
+    for it in items:
+        (out / "thumbs" / f"{it['image_id']}.png").write_bytes(png[it["image_id"]])
+        beats = "; ".join(f"{b['text']} (+{b['margin']:.3f})" for b in it["beats"]) or "none"
+        name = " / ".join(own.get(it["image_id"], []))
+        md.append(f"- ![](thumbs/{it['image_id']}.png) **{name}** score {it['score']:.3f}, beats "
+                  f"{it['texts_beaten']} texts: {beats}")
+        hs.append(f"<div class='item'><img src='thumbs/{it['image_id']}.png' width='72' height='72'><div>"
+                  f"<b>{html.escape(name)}</b> score {it['score']:.3f}, beats {it['texts_beaten']} paired texts"
+                  f"<br>{html.escape(beats)}</div></div>")
+    return {"md": "\n".join(md), "html": f"<h2>Why selected</h2><p>{html.escape(md[0])}</p>{''.join(hs)}"}
