@@ -27,6 +27,7 @@ class TrainConfig:
     use_gpu: bool | None = None    # None: when the cluster has GPUs
     seed: int = 0
     max_failures: int = 0
+    checkpoint_every: int = 5      # epochs between checkpoints (and always the last epoch)
     model: ModelConfig = field(default_factory=ModelConfig)
 
     @classmethod

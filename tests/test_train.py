@@ -44,7 +44,7 @@ def test_fit_learns_recovers_a_killed_worker_and_resumes(tmp_path):
     train_ids, val_ids = ids[:240], ids[240:]
     model_cfg = ModelConfig(image_dim=32, text_dim=16, embed_dim=16, hidden=64)
     cfg = TrainConfig(epochs=4, batch_size=32, lr=3e-3, warmup_epochs=1, num_workers=2, max_failures=1,
-                      model=model_cfg)
+                      checkpoint_every=1, model=model_cfg)
     train_texts = load_features(tmp_path).texts_of(train_ids)
     res = fit(str(tmp_path), train_texts, val_ids, cfg, str(tmp_path / "runs"), "t", fail_at_epoch=2)
     assert (tmp_path / "runs" / ".t.failed-once").exists()          # a worker did die

@@ -88,7 +88,12 @@ def extract_features(data_dir: str | Path, out_dir: str | Path, actors: int | No
         return json.loads(meta_path.read_text())
     res = ray.cluster_resources()
     gpu = use_gpu if use_gpu is not None else res.get("GPU", 0) >= 1
+    # CPU actors hold their CPU for the whole job: leave one for the read and write tasks
+    cpu_cap = max(1, int(res.get("CPU", 1)) - 1)
     actors = actors or (int(res.get("GPU", 1)) if gpu else max(1, int(res.get("CPU", 1)) // 2))
+    if not gpu and actors > cpu_cap:
+        log.warning("%d encoder actors would leave no CPU for reading and writing; using %d", actors, cpu_cap)
+        actors = cpu_cap
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     images = ray.data.read_parquet(str(data_dir / "images.parquet"), columns=["image_id", "png"])

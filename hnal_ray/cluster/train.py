@@ -58,7 +58,8 @@ def train_func(config: dict) -> None:
         _maybe_fail(config, epoch, rank, world)
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = None
-            if rank == 0:
+            due = (epoch + 1) % cfg.checkpoint_every == 0 or epoch == cfg.epochs - 1
+            if rank == 0 and due:
                 save_checkpoint(Path(tmp), inner, opt, epoch, best, best_state)
                 ckpt = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(metrics | {"best_rsum": best["rsum"]}, checkpoint=ckpt)
