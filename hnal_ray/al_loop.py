@@ -11,12 +11,15 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
 
 from hnal_ray.annotate import Annotator, OracleAnnotator
 from hnal_ray.config import ScoreInputs
 from hnal_ray.embed import embed_features, split_ids, write_embeddings
 from hnal_ray.features import FeatureSet, load_features
-from hnal_ray.io import write_json
+from hnal_ray.io import embedding_array, write_json, write_parquet
 from hnal_ray.loop_config import LoopConfig, StrategyConfig
 from hnal_ray.training import evaluate, load_best
 
@@ -93,8 +96,6 @@ class Loop:
         self._stage(name, seed, r, "train")
         checkpoint, val_best = self._train(paired, seed, d, f"{name}-s{seed}-r{r}")
         model, _ = load_best(checkpoint)
-        import torch
-
         metrics = evaluate(model, self.test, torch.device("cpu"))
         state = {"strategy": name, "seed": seed, "round": r, "paired_text_ids": paired.tolist(),
                  "paired_images": int(len(np.unique(self.feats.pairs(paired).image_ids))),
@@ -141,16 +142,10 @@ class Loop:
             from hnal_ray.score_job import run_score
 
             run_score(inputs, score_cfg, d / "score")
-        import pyarrow.parquet as pq
-
         sel = pq.read_table(d / "score" / "selection.parquet")
         return sel.column(0).to_numpy().astype(np.int64)
 
     def _write_texts(self, txt: np.ndarray, text_ids: np.ndarray, path: Path, with_owner: bool = True) -> None:
-        import pyarrow as pa
-
-        from hnal_ray.io import embedding_array, write_parquet
-
         keep = np.isin(self.feats.text_ids, text_ids)
         cols = {"text_id": self.feats.text_ids[keep]}
         if with_owner:
