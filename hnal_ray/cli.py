@@ -200,6 +200,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="override a config value, e.g. --set rounds=2 --set train.epochs=5")
     lp.add_argument("--address", default=None)
     lp.set_defaults(func=cmd_loop)
+    from hnal_ray.bench import add_bench_parser
+
+    add_bench_parser(sub)
     return parser
 
 

@@ -96,10 +96,11 @@ def extract_features(data_dir: str | Path, out_dir: str | Path, actors: int | No
         actors = cpu_cap
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    images = ray.data.read_parquet(str(data_dir / "images.parquet"), columns=["image_id", "png"])
+    images = ray.data.read_parquet(str(data_dir / "images.parquet")).select_columns(["image_id", "png"])
     n_img = _run(images, ImageFeaturizer, out / "images.parquet", actors, gpu, 64)
     t1 = time.perf_counter()
-    texts = ray.data.read_parquet(str(data_dir / "captions.parquet"), columns=["text_id", "image_id", "text"])
+    texts = ray.data.read_parquet(str(data_dir / "captions.parquet")).select_columns(
+        ["text_id", "image_id", "text"])
     n_txt = _run(texts, TextFeaturizer, out / "captions.parquet", actors, gpu, 256)
     t2 = time.perf_counter()
     meta = {"cache_key": key, "encoders": _model_ids(), "images": n_img, "captions": n_txt, "actors": actors,
