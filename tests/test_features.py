@@ -9,15 +9,9 @@ from hnal_ray.data.emoji import build_emoji_dataset, load_emoji_dataset, subsamp
 from hnal_ray.encoders import ImageEncoder, TextEncoder
 from hnal_ray.features import load_features
 
-pytestmark = pytest.mark.ray
+pytestmark = [pytest.mark.ray, pytest.mark.usefixtures("local_ray")]
 ray = pytest.importorskip("ray")
 
-
-@pytest.fixture(scope="module", autouse=True)
-def local_ray():
-    ray.init(address="local", num_cpus=2, include_dashboard=False)
-    yield
-    ray.shutdown()
 
 
 def test_feature_job_matches_encoders_and_is_cached(tmp_path, caplog):

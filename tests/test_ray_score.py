@@ -12,15 +12,9 @@ from helpers import write_inputs
 from hnal_ray.cli import main
 from hnal_ray.synthetic import make_example
 
-pytestmark = pytest.mark.ray
+pytestmark = [pytest.mark.ray, pytest.mark.usefixtures("local_ray")]
 ray = pytest.importorskip("ray")
 
-
-@pytest.fixture(scope="module", autouse=True)
-def local_ray():
-    ray.init(address="local", num_cpus=2, include_dashboard=False)
-    yield
-    ray.shutdown()
 
 
 def run(paths, out, *extra, budget=7):

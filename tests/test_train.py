@@ -11,15 +11,9 @@ from hnal_ray.io import embedding_array, write_parquet
 from hnal_ray.model import DualEncoder, ModelConfig
 from hnal_ray.training import TrainConfig, evaluate, load_best
 
-pytestmark = pytest.mark.ray
+pytestmark = [pytest.mark.ray, pytest.mark.usefixtures("local_ray")]
 ray = pytest.importorskip("ray")
 
-
-@pytest.fixture(scope="module", autouse=True)
-def local_ray():
-    ray.init(address="local", num_cpus=2, include_dashboard=False)
-    yield
-    ray.shutdown()
 
 
 def synthetic_features(root, n_images=300, seed=0):
