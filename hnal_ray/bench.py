@@ -55,7 +55,10 @@ class BenchConfig:
 
 def reset_peak() -> float:
     """Current RSS (MiB), after resetting this process's peak RSS (VmHWM) to it: Linux clear_refs."""
-    Path("/proc/self/clear_refs").write_text("5")
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:  # not Linux: memory columns read NaN
+        pass
     return _proc_status("VmRSS")
 
 
@@ -64,8 +67,11 @@ def peak_mib() -> float:
 
 
 def _proc_status(key: str) -> float:
-    line = next(ln for ln in Path("/proc/self/status").read_text().splitlines() if ln.startswith(key + ":"))
-    return int(line.split()[1]) / 1024
+    try:
+        lines = Path("/proc/self/status").read_text().splitlines()
+    except OSError:
+        return float("nan")
+    return next((int(ln.split()[1]) / 1024 for ln in lines if ln.startswith(key + ":")), float("nan"))
 
 
 def make_data(cfg: BenchConfig, out_dir: Path) -> dict:

@@ -35,7 +35,7 @@ def add_score_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS or an embedded Ray)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--block-pool", type=int, default=4096)
-    p.add_argument("--block-anchor", type=int, default=8192)
+    p.add_argument("--block-anchor", type=int, default=1024)
     p.add_argument("--out", required=True, help="output directory")
 
 

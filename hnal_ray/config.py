@@ -36,7 +36,7 @@ class ScoreConfig:
     address: str | None = None  # Ray cluster address; None = RAY_ADDRESS or an embedded Ray
     device: str = "auto"
     block_pool: int = 4096
-    block_anchor: int = 8192
+    block_anchor: int = 1024
 
     def __post_init__(self):
         checks = [

@@ -7,7 +7,7 @@ A cluster whose bound is <= 0 holds no hard negative for u: its product is skipp
 Surplus/Counting score is unchanged. The bound also caps the skipped margins, so max_margin stays
 exact: an item whose computed margins are all <= 0 visits the skipped clusters in decreasing bound
 order until the next bound cannot beat its best margin (branch and bound; usually one cluster).
-`score_pool_dense` is the same block kernel with no skipping: the exact dense path.
+`score_pool_dense` (hnal_ray.scoring.score_pool) is the same block kernel with no skipping.
 """
 from __future__ import annotations
 
@@ -17,7 +17,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from hnal_ray.scoring import WEIGHTS, PoolScores, _tensor
+from hnal_ray.scoring import PoolScores, _check, _product, _tensor, block_weights
+from hnal_ray.scoring import score_pool as score_pool_dense  # the exact dense path, no skipping
 
 log = logging.getLogger(__name__)
 
@@ -54,49 +55,6 @@ def cluster_anchors(anchor_emb: np.ndarray, n_clusters: int, seed: int = 0, nite
     km.train(x)
     _, labels = km.index.search(x, 1)
     return AnchorClusters(km.centroids.astype(np.float32), labels[:, 0].astype(np.int64))
-
-
-def block_weights(margin: torch.Tensor, weight: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Row max (m,) float32 and row weight sum (m,) float64 of a (m, n) float32 margin block.
-
-    The block is overwritten. Rows whose max is <= 0 weigh nothing and are not summed at all; the
-    others are summed in float32 (torch's cascade sum, error O(log n) ulp) and accumulated in float64
-    by the caller. Casting the whole block to float64 instead costs as much as the GEMM on a CPU.
-    """
-    top = margin.amax(dim=1)
-    rows = (top > 0).nonzero().squeeze(1)
-    hit = margin if len(rows) == len(margin) else margin.index_select(0, rows)
-    w = hit.clamp_(min=0).sum(dim=1) if weight == "surplus" else (hit > 0).sum(dim=1, dtype=torch.float32)
-    if len(rows) == len(margin):
-        return top, w.double()
-    return top, torch.zeros(len(margin), dtype=torch.float64, device=margin.device).index_add_(0, rows, w.double())
-
-
-def score_pool_dense(pool_emb: np.ndarray, anchor_emb: np.ndarray, thresholds: np.ndarray, weight: str,
-                     device: torch.device | None = None, block_pool: int = 4096, block_anchor: int = 1024,
-                     dtype: torch.dtype = torch.float32) -> PoolScores:
-    """The exact dense kernel (same contract as hnal_ray.scoring.score_pool): per block one GEMM into a
-    reused (block_pool, block_anchor) buffer, then `block_weights`. dtype=bfloat16 is a low-precision variant
-    (inputs rounded to bf16; not exact), measured by the benchmark for its selection recall."""
-    _check(weight)
-    device = device or torch.device("cpu")
-    n_u, n_a = len(pool_emb), len(anchor_emb)
-    scores, max_margin = np.zeros(n_u), np.full(n_u, -np.inf, np.float32)
-    anchors, xi = _tensor(anchor_emb).to(device, dtype), _tensor(thresholds).to(device)
-    pool = _tensor(pool_emb)
-    buf = torch.empty(min(block_pool, n_u) * min(block_anchor, n_a), device=device)
-    with torch.inference_mode():
-        for u0 in range(0, n_u, block_pool):
-            p = pool[u0:u0 + block_pool].to(device, dtype, non_blocking=True)
-            acc = torch.zeros(len(p), dtype=torch.float64, device=device)
-            mm = torch.full((len(p),), -torch.inf, device=device)
-            for a0 in range(0, n_a, block_anchor):
-                a = anchors[a0:a0 + block_anchor]
-                margin = _product(p, a, buf)
-                top, total = block_weights(margin.sub_(xi[a0:a0 + len(a)]), weight)
-                mm, acc = torch.maximum(mm, top), acc + total
-            scores[u0:u0 + len(p)], max_margin[u0:u0 + len(p)] = acc.cpu().numpy(), mm.cpu().numpy()
-    return PoolScores(scores, max_margin, n_u * n_a)
 
 
 def score_pool_pruned(pool_emb: np.ndarray, anchor_emb: np.ndarray, thresholds: np.ndarray, weight: str,
@@ -209,20 +167,7 @@ class _ClusterTable:
                 cand[sel, cc] = -torch.inf
 
 
-def _product(p: torch.Tensor, a: torch.Tensor, buf: torch.Tensor) -> torch.Tensor:
-    """p @ a.T as float32 (m, n), into the front of a reused flat buffer (no allocation) when float32."""
-    if p.dtype != torch.float32:
-        return (p @ a.T).float()
-    out = buf[: len(p) * len(a)].view(len(p), len(a))
-    return torch.matmul(p, a.T, out=out)
-
-
 def _unit_roundoff(device: torch.device) -> float:
     """Unit roundoff of float32 matmuls as configured (TF32/bf16 modes round much more coarsely)."""
     tf32 = device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32
     return 2.0 ** -24 if torch.get_float32_matmul_precision() == "highest" and not tf32 else 2.0 ** -8
-
-
-def _check(weight: str) -> None:
-    if weight not in WEIGHTS:
-        raise ValueError(f"weight must be one of {WEIGHTS}, got {weight!r}")
