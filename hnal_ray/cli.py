@@ -130,11 +130,7 @@ def cmd_loop(a: argparse.Namespace) -> int:
     from hnal_ray.al_loop import run_loop
     from hnal_ray.loop_config import load_loop_config
 
-    cfg = load_loop_config(a.config, a.set)
-    from hnal_ray.cluster.session import ray_session
-
-    with ray_session(a.address):
-        report = run_loop(cfg, a.out)
+    report = run_loop(load_loop_config(a.config, a.set), a.out)
     print(f"report: {report.resolve()}")
     return 0
 
@@ -199,7 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     lp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override a config value, e.g. --set rounds=2 --set train.epochs=5")
     lp.add_argument("--address", default=None)
-    lp.set_defaults(func=cmd_loop)
+    lp.set_defaults(func=_with_ray(cmd_loop))
     from hnal_ray.bench import add_bench_parser
 
     add_bench_parser(sub)

@@ -24,7 +24,7 @@ from tqdm import tqdm
 from hnal_ray.baselines import coreset_select
 from hnal_ray.config import ScoreConfig, ScoreInputs
 from hnal_ray.device import pick_device
-from hnal_ray.io import write_json, write_parquet
+from hnal_ray.io import read_embeddings, write_json, write_parquet
 from hnal_ray.plan import Plan, check_inputs, input_fingerprint, load_keys_sorted, shard_specs
 from hnal_ray.selection import Ranked, merge_top, select_top
 from hnal_ray.thresholds import kth, merge_topk, minibatch_thresholds
@@ -138,8 +138,6 @@ def _thresholds(plan: Plan, cfg: ScoreConfig, backend, work: Path, timings: dict
 
 def _run_coreset(inputs, cfg, plan, out, key, t0, timings) -> dict:
     """Greedy k-center is sequential over picks: it runs on the driver, over the whole pool."""
-    from hnal_ray.io import read_embeddings
-
     t = time.perf_counter()
     pool = read_embeddings(plan.tables.pool_path, plan.tables.pool_id, dim=plan.dim)
     order = np.argsort(pool.ids, kind="stable")
