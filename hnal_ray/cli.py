@@ -6,7 +6,7 @@ import json
 import logging
 import sys
 
-from hnal_ray.config import ConfigError, ScoreConfig, ScoreInputs
+from hnal_ray.config import ConfigError
 from hnal_ray.io import InputError
 
 
@@ -40,25 +40,18 @@ def add_score_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_score(a: argparse.Namespace) -> int:
-    from hnal_ray.score_job import run_score
+    from hnal_ray.api import select
 
-    cfg = ScoreConfig(budget=a.budget, strategy=a.strategy, weight=a.weight, k=a.k,
-                      threshold_batch=a.threshold_batch, side=a.side, seed=a.seed, shards=a.shards,
-                      address=a.address, device=a.device, block_pool=a.block_pool, block_anchor=a.block_anchor)
-    inputs = ScoreInputs(a.paired_images, a.paired_texts, a.pool)
-    if cfg.shards > 0:
-        from hnal_ray.cluster.score import run_score_on_ray
-
-        summary = run_score_on_ray(inputs, cfg, a.out)
-    else:
-        summary = run_score(inputs, cfg, a.out)
-    print(json.dumps({"out": a.out, "selected": summary["counts"]["selected"],
-                      "pairs_per_second": round(summary["pairs_per_second"])}))
+    res = select(a.paired_images, a.paired_texts, a.pool, a.budget, a.strategy, weight=a.weight, k=a.k,
+                 threshold_batch=a.threshold_batch, side=a.side, seed=a.seed, shards=a.shards, address=a.address,
+                 device=a.device, block_pool=a.block_pool, block_anchor=a.block_anchor, out=a.out)
+    print(json.dumps({"out": a.out, "selected": res.summary["counts"]["selected"],
+                      "pairs_per_second": round(res.summary["pairs_per_second"])}))
     return 0
 
 
 def cmd_data_example(a: argparse.Namespace) -> int:
-    from hnal_ray.synthetic import make_example
+    from hnal_ray.data.synthetic import make_example
 
     paths = make_example(a.out, n_images=a.images, n_pool=a.pool, dim=a.dim, seed=a.seed)
     print(json.dumps({k: str(v) for k, v in paths.items()}))
@@ -91,10 +84,10 @@ def cmd_features(a: argparse.Namespace) -> int:
 
 def cmd_train(a: argparse.Namespace) -> int:
     from hnal_ray.cluster.train import fit
-    from hnal_ray.embed import split_ids
-    from hnal_ray.features import load_features
+    from hnal_ray.data.splits import split_ids
+    from hnal_ray.data.features import load_features
     from hnal_ray.io import write_json
-    from hnal_ray.training import TrainConfig
+    from hnal_ray.retrieval.training import TrainConfig
 
     cfg = TrainConfig(epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, num_workers=a.num_workers,
                       warmup_epochs=a.warmup_epochs, seed=a.seed, max_failures=a.max_failures)
@@ -109,9 +102,9 @@ def cmd_train(a: argparse.Namespace) -> int:
 def cmd_eval(a: argparse.Namespace) -> int:
     import torch
 
-    from hnal_ray.embed import split_ids
-    from hnal_ray.features import load_features
-    from hnal_ray.training import evaluate, load_best
+    from hnal_ray.data.splits import split_ids
+    from hnal_ray.data.features import load_features
+    from hnal_ray.retrieval.training import evaluate, load_best
 
     model, _ = load_best(a.checkpoint)
     feats = load_features(a.features).subset(split_ids(a.data, a.split))
@@ -120,17 +113,16 @@ def cmd_eval(a: argparse.Namespace) -> int:
 
 
 def cmd_embed(a: argparse.Namespace) -> int:
-    from hnal_ray.embed import embed_dir
+    from hnal_ray.retrieval.embed import embed_dir
 
     print(json.dumps({k: str(v) for k, v in embed_dir(a.checkpoint, a.features, a.out).items()}))
     return 0
 
 
 def cmd_loop(a: argparse.Namespace) -> int:
-    from hnal_ray.al_loop import run_loop
-    from hnal_ray.loop_config import load_loop_config
+    from hnal_ray.api import run_loop
 
-    report = run_loop(load_loop_config(a.config, a.set), a.out)
+    report = run_loop(a.config, a.out, a.set, a.address)
     print(f"report: {report.resolve()}")
     return 0
 
@@ -195,8 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
     lp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override a config value, e.g. --set rounds=2 --set train.epochs=5")
     lp.add_argument("--address", default=None)
-    lp.set_defaults(func=_with_ray(cmd_loop))
-    from hnal_ray.bench import add_bench_parser
+    lp.set_defaults(func=cmd_loop)
+    from hnal_ray.bench.cli import add_bench_parser
 
     add_bench_parser(sub)
     return parser

@@ -1,7 +1,9 @@
-"""The compute device, chosen once at the edge: CUDA when present, else CPU (same code path)."""
+"""What a process runs on: the compute device, chosen once at the edge (CUDA when present, else CPU,
+same code path), its thread count, and its peak memory (for the benchmarks)."""
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import torch
 
@@ -28,3 +30,24 @@ def set_threads(n: int | None = None) -> int:
     torch.set_num_threads(n)
     faiss.omp_set_num_threads(n)
     return n
+
+
+def reset_peak() -> float:
+    """Current RSS (MiB), after resetting this process's peak RSS (VmHWM) to it: Linux clear_refs."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:  # not Linux: memory columns read NaN
+        pass
+    return _proc_status("VmRSS")
+
+
+def peak_mib() -> float:
+    return _proc_status("VmHWM")
+
+
+def _proc_status(key: str) -> float:
+    try:
+        lines = Path("/proc/self/status").read_text().splitlines()
+    except OSError:
+        return float("nan")
+    return next((int(ln.split()[1]) / 1024 for ln in lines if ln.startswith(key + ":")), float("nan"))

@@ -7,9 +7,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from hnal_ray.baselines import random_keys
+from hnal_ray.score.baselines import random_keys
 from hnal_ray.io import embedding_array
-from hnal_ray.reference import dense_scores, dense_select, dense_thresholds
+from hnal_ray.score.reference import dense_scores, dense_select, dense_thresholds
 
 
 def quantized(rng: np.random.Generator, n: int, d: int, levels: int = 2) -> np.ndarray:

@@ -5,7 +5,8 @@ import json
 import numpy as np
 import pytest
 
-from hnal_ray.bench import BenchConfig, _measure, add_bench_parser, make_data, run_path
+from hnal_ray.bench.cli import add_bench_parser
+from hnal_ray.bench.paths import BenchConfig, make_data, measure, run_path
 
 pytestmark = pytest.mark.ray
 ray = pytest.importorskip("ray")
@@ -39,7 +40,7 @@ def rows(res, path):
 
 def test_exact_paths_agree_with_the_dense_path(bench):
     res, _ = bench
-    assert res["oracle_max_abs_err"] < 1e-5  # the exact dense path against hnal_ray.reference
+    assert res["oracle_max_abs_err"] < 1e-5  # the exact dense path against hnal_ray.score.reference
     for path in ("dense_fused", "pruned", "numpy_dense", "faiss_range"):
         assert rows(res, path), path
         for r in rows(res, path):
@@ -81,7 +82,7 @@ def test_isolated_run_matches_in_process(tmp_path):
     cfg = BenchConfig(pool=400, texts=90, dim=16, captions=3, data_clusters=4, clusters=4, budget=5)
     files = make_data(cfg, tmp_path)["files"]
     here = run_path("pruned", {}, cfg, files, [100, 400])[-1]
-    there = _measure("pruned", {}, cfg, files, [100, 400])[-1]
+    there = measure("pruned", {}, cfg, files, [100, 400])[-1]
     np.testing.assert_array_equal(here["scores"], there["scores"])
     np.testing.assert_array_equal(here["max_margin"], there["max_margin"])
     assert there["peak_mib"] >= 0 and there["skipped"] == here["skipped"]

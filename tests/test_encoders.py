@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from hnal_ray.data import emoji as ed
-from hnal_ray.encoders import IMAGE_DIM, IMAGE_SIZE, TEXT_DIM, ImageEncoder, TextEncoder, preprocess_png
+from hnal_ray.data.encoders import IMAGE_DIM, IMAGE_SIZE, TEXT_DIM, ImageEncoder, TextEncoder, preprocess_png
 
 CPU = torch.device("cpu")
 EMOJI = ["\U0001f44d", "\U0001f44d\U0001f3fd", "\U0001f1ef\U0001f1f5", "\U0001f600", "\U0001f525"]
@@ -104,7 +104,7 @@ def test_model_ids_and_offline_env(image_encoder, text_encoder):
 
 
 def test_modules_do_not_import_ray():
-    code = "import sys, hnal_ray.encoders, hnal_ray.data.emoji; sys.exit('ray' in sys.modules)"
+    code = "import sys, hnal_ray.data.encoders, hnal_ray.data.emoji; sys.exit('ray' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
 
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from hnal_ray.data.emoji import build_emoji_dataset, load_emoji_dataset, subsample_dataset
-from hnal_ray.encoders import ImageEncoder, TextEncoder
-from hnal_ray.features import load_features
+from hnal_ray.data.encoders import ImageEncoder, TextEncoder
+from hnal_ray.data.features import load_features
 
 pytestmark = [pytest.mark.ray, pytest.mark.usefixtures("local_ray")]
 ray = pytest.importorskip("ray")
@@ -42,10 +42,10 @@ def test_embed_writes_the_score_contract(tmp_path):
     """A trained-checkpoint stand-in (fresh weights) embedded to the `hnal score` input tables."""
     import pyarrow as pa
 
-    from hnal_ray.embed import embed_dir
+    from hnal_ray.retrieval.embed import embed_dir
     from hnal_ray.io import embedding_array, read_embeddings, write_parquet
-    from hnal_ray.model import DualEncoder, ModelConfig
-    from hnal_ray.training import save_checkpoint
+    from hnal_ray.retrieval.model import DualEncoder, ModelConfig
+    from hnal_ray.retrieval.training import save_checkpoint
 
     rng = np.random.default_rng(0)
     write_parquet(pa.table({"image_id": np.arange(5, dtype=np.int64),

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from helpers import paired_set, quantized
-from hnal_ray.scoring import score_pool
-from hnal_ray.thresholds import kth, negative_topk
+from hnal_ray.score.scoring import score_pool
+from hnal_ray.score.thresholds import kth, negative_topk
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")]
 

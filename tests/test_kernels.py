@@ -4,11 +4,11 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from helpers import paired_set, quantized
-from hnal_ray.baselines import coreset_select, random_keys
-from hnal_ray.reference import dense_scores, dense_select, dense_thresholds
-from hnal_ray.scoring import score_pool
-from hnal_ray.selection import Ranked, merge_top, select_top
-from hnal_ray.thresholds import kth, merge_topk, minibatch_thresholds, negative_topk
+from hnal_ray.score.baselines import coreset_select, random_keys
+from hnal_ray.score.reference import dense_scores, dense_select, dense_thresholds
+from hnal_ray.score.scoring import score_pool
+from hnal_ray.score.selection import Ranked, merge_top, select_top
+from hnal_ray.score.thresholds import kth, merge_topk, minibatch_thresholds, negative_topk
 
 
 def kernel_thresholds(image_ids, image_emb, owner, text_emb, k, side, n_shards=1, rng=None):

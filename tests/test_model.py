@@ -3,9 +3,9 @@ import numpy as np
 import pytest
 import torch
 
-from hnal_ray.loss import vse_loss
-from hnal_ray.metrics import recall_at_k
-from hnal_ray.model import DualEncoder, ModelConfig
+from hnal_ray.retrieval.loss import vse_loss
+from hnal_ray.retrieval.metrics import recall_at_k
+from hnal_ray.retrieval.model import DualEncoder, ModelConfig
 
 
 def brute_recall(img, image_ids, txt, owner, k):

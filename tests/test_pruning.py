@@ -4,11 +4,11 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from helpers import quantized
-from hnal_ray.pruning import PrunedScores, cluster_anchors, score_pool_dense, score_pool_pruned
-from hnal_ray.reference import dense_scores, dense_select, dense_thresholds
-from hnal_ray.scoring import score_pool
-from hnal_ray.selection import select_top
-from hnal_ray.synthetic import clustered_embeddings, unit
+from hnal_ray.score.pruning import PrunedScores, cluster_anchors, score_pool_dense, score_pool_pruned
+from hnal_ray.score.reference import dense_scores, dense_select, dense_thresholds
+from hnal_ray.score.scoring import score_pool
+from hnal_ray.score.selection import select_top
+from hnal_ray.data.synthetic import clustered_embeddings, unit
 
 
 def clustered_signs(rng, n, n_clusters, d=16, flips=2):

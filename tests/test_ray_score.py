@@ -10,7 +10,7 @@ import pytest
 
 from helpers import write_inputs
 from hnal_ray.cli import main
-from hnal_ray.synthetic import make_example
+from hnal_ray.data.synthetic import make_example
 
 pytestmark = [pytest.mark.ray, pytest.mark.usefixtures("local_ray")]
 ray = pytest.importorskip("ray")
@@ -114,7 +114,7 @@ def test_interrupted_run_resumes_only_missing_shards(tmp_path, inputs):
 RESUME_SCRIPT = """
 import json, logging, sys
 from hnal_ray.config import ScoreConfig, ScoreInputs
-from hnal_ray.score_job import LocalBackend, run_score
+from hnal_ray.score.job import LocalBackend, run_score
 logging.basicConfig(level=logging.INFO)
 p = json.loads(sys.argv[2])
 cfg = ScoreConfig(budget=7, shards=3)

@@ -6,10 +6,10 @@ import pyarrow as pa
 import pytest
 import torch
 
-from hnal_ray.features import load_features
+from hnal_ray.data.features import load_features
 from hnal_ray.io import embedding_array, write_parquet
-from hnal_ray.model import DualEncoder, ModelConfig
-from hnal_ray.training import TrainConfig, evaluate, load_best
+from hnal_ray.retrieval.model import DualEncoder, ModelConfig
+from hnal_ray.retrieval.training import TrainConfig, evaluate, load_best
 
 pytestmark = [pytest.mark.ray, pytest.mark.usefixtures("local_ray")]
 ray = pytest.importorskip("ray")

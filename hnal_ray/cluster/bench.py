@@ -1,7 +1,7 @@
 """The Ray rows of `hnal bench score`: the exact kernel sharded over 1, 2, ... actors, and its scaling.
 
 Each actor is a thin shell: it loads its own pool rows (and the anchors, thresholds) from the .npy
-files the benchmark wrote, runs hnal_ray.scoring.score_pool and reports its time and peak memory.
+files the benchmark wrote, runs hnal_ray.score.scoring.score_pool and reports its time and peak memory.
 Every actor gets the same resources whatever their number (CPU threads = cores // most actors, or a
 GPU, shared when there are fewer GPUs than actors), so T1 / (n Tn) is the scaling efficiency.
 """
@@ -14,9 +14,8 @@ import time
 import numpy as np
 import ray
 
-from hnal_ray.bench import peak_mib, reset_peak
-from hnal_ray.device import pick_device, set_threads
-from hnal_ray.scoring import score_pool
+from hnal_ray.device import peak_mib, pick_device, reset_peak, set_threads
+from hnal_ray.score.scoring import score_pool
 
 from hnal_ray.cluster.session import ray_session
 

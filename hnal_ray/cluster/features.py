@@ -24,7 +24,7 @@ class ImageFeaturizer:
     """Callable-class UDF: one frozen EfficientNet-Lite0 per actor, loaded once."""
 
     def __init__(self, device: str, threads: int):
-        from hnal_ray.encoders import ImageEncoder
+        from hnal_ray.data.encoders import ImageEncoder
 
         self.encoder = ImageEncoder(pick_device(device), num_threads=threads)
 
@@ -37,7 +37,7 @@ class TextFeaturizer:
     """Callable-class UDF: one frozen all-MiniLM-L6-v2 per actor."""
 
     def __init__(self, device: str, threads: int):
-        from hnal_ray.encoders import TextEncoder
+        from hnal_ray.data.encoders import TextEncoder
 
         self.encoder = TextEncoder(pick_device(device), num_threads=threads)
 

@@ -11,8 +11,8 @@ from ray.exceptions import RayTaskError
 
 from hnal_ray.config import ScoreConfig, ScoreInputs
 from hnal_ray.io import InputError
-from hnal_ray.score_job import run_score
-from hnal_ray.worker import Anchors, ScoreTask, ShardResult, ShardSpec, ShardWorker
+from hnal_ray.score.job import run_score
+from hnal_ray.score.worker import Anchors, ScoreTask, ShardResult, ShardSpec, ShardWorker
 
 from hnal_ray.cluster.session import ray_session
 

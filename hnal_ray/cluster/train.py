@@ -17,9 +17,9 @@ import torch
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from hnal_ray.features import load_features
-from hnal_ray.model import DualEncoder
-from hnal_ray.training import TrainConfig, epoch_batches, evaluate, save_checkpoint, train_epoch
+from hnal_ray.data.features import load_features
+from hnal_ray.retrieval.model import DualEncoder
+from hnal_ray.retrieval.training import TrainConfig, epoch_batches, evaluate, save_checkpoint, train_epoch
 
 log = logging.getLogger(__name__)
 

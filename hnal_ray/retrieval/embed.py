@@ -5,12 +5,11 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 
-from hnal_ray.features import FeatureSet, load_features
+from hnal_ray.data.features import FeatureSet, load_features
 from hnal_ray.io import embedding_array, write_parquet
-from hnal_ray.training import embed, load_best
+from hnal_ray.retrieval.training import embed, load_best
 
 
 def embed_features(checkpoint: str | Path, feats: FeatureSet, device: torch.device | None = None
@@ -36,13 +35,6 @@ def write_embeddings(feats: FeatureSet, image_emb: np.ndarray, text_emb: np.ndar
                       "embedding": embedding_array(text_emb[keep_t])})
     return {"images": write_parquet(images, out / "images.parquet"),
             "captions": write_parquet(texts, out / "captions.parquet")}
-
-
-def split_ids(data_dir: str | Path, split: str) -> np.ndarray:
-    """Sorted image ids of one split (train/val/test) of a data set's split.parquet."""
-    t = pq.read_table(Path(data_dir) / "split.parquet")
-    ids = t["image_id"].to_numpy()[np.asarray(t["split"].to_pylist()) == split]
-    return np.sort(ids)
 
 
 def embed_dir(checkpoint: str | Path, feature_dir: str | Path, out_dir: str | Path) -> dict[str, Path]:

@@ -14,12 +14,12 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from hnal_ray.baselines import random_keys
+from hnal_ray.score.baselines import random_keys
 from hnal_ray.device import pick_device, set_threads
 from hnal_ray.io import EmbeddingTable, read_embeddings, write_parquet
-from hnal_ray.scoring import score_pool
-from hnal_ray.selection import Ranked, select_top
-from hnal_ray.thresholds import negative_topk
+from hnal_ray.score.scoring import score_pool
+from hnal_ray.score.selection import Ranked, select_top
+from hnal_ray.score.thresholds import negative_topk
 
 log = logging.getLogger(__name__)
 

@@ -48,12 +48,12 @@ def score_pool(pool_emb: np.ndarray, anchor_emb: np.ndarray, thresholds: np.ndar
     sums go to float64, so an item's score does not depend on how the pool is blocked or sharded.
     dtype=bfloat16 is a low-precision variant (inputs rounded; not exact), for the benchmark.
     """
-    _check(weight)
+    check_weight(weight)
     device = device or torch.device("cpu")
     n_u, n_a = len(pool_emb), len(anchor_emb)
     scores, max_margin = np.zeros(n_u), np.full(n_u, -np.inf, np.float32)
-    anchors, xi = _tensor(anchor_emb).to(device, dtype), _tensor(thresholds).to(device)
-    pool = _tensor(pool_emb)
+    anchors, xi = as_float32_tensor(anchor_emb).to(device, dtype), as_float32_tensor(thresholds).to(device)
+    pool = as_float32_tensor(pool_emb)
     buf = torch.empty(min(block_pool, n_u) * min(block_anchor, n_a), device=device)
     with torch.inference_mode():
         for u0 in range(0, n_u, block_pool):
@@ -62,14 +62,14 @@ def score_pool(pool_emb: np.ndarray, anchor_emb: np.ndarray, thresholds: np.ndar
             mm = torch.full((len(p),), -torch.inf, device=device)
             for a0 in range(0, n_a, block_anchor):
                 a = anchors[a0:a0 + block_anchor]
-                margin = _product(p, a, buf)
+                margin = similarity_into(p, a, buf)
                 top, total = block_weights(margin.sub_(xi[a0:a0 + len(a)]), weight)
                 mm, acc = torch.maximum(mm, top), acc + total
             scores[u0:u0 + len(p)], max_margin[u0:u0 + len(p)] = acc.cpu().numpy(), mm.cpu().numpy()
     return PoolScores(scores, max_margin, n_u * n_a)
 
 
-def _product(p: torch.Tensor, a: torch.Tensor, buf: torch.Tensor) -> torch.Tensor:
+def similarity_into(p: torch.Tensor, a: torch.Tensor, buf: torch.Tensor) -> torch.Tensor:
     """p @ a.T as float32 (m, n), into the front of a reused flat buffer (no allocation) when float32."""
     if p.dtype != torch.float32:
         return (p @ a.T).float()
@@ -78,11 +78,11 @@ def _product(p: torch.Tensor, a: torch.Tensor, buf: torch.Tensor) -> torch.Tenso
 
 
 
-def _tensor(x: np.ndarray) -> torch.Tensor:
+def as_float32_tensor(x: np.ndarray) -> torch.Tensor:
     """float32 C-contiguous tensor; copies arrays that are read-only (e.g. from Ray's object store)."""
     return torch.from_numpy(np.require(x, np.float32, ["C_CONTIGUOUS", "WRITEABLE"]))
 
 
-def _check(weight: str) -> None:
+def check_weight(weight: str) -> None:
     if weight not in WEIGHTS:
         raise ValueError(f"weight must be one of {WEIGHTS}, got {weight!r}")

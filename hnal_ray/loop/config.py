@@ -8,8 +8,8 @@ from pathlib import Path
 import yaml
 
 from hnal_ray.config import ConfigError, ScoreConfig
-from hnal_ray.model import ModelConfig
-from hnal_ray.training import TrainConfig
+from hnal_ray.retrieval.model import ModelConfig
+from hnal_ray.retrieval.training import TrainConfig
 
 
 @dataclass(frozen=True)

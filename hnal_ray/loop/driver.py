@@ -15,13 +15,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from hnal_ray.annotate import Annotator, OracleAnnotator
+from hnal_ray.loop.annotate import Annotator, OracleAnnotator
 from hnal_ray.config import ScoreInputs
-from hnal_ray.embed import embed_features, split_ids, write_embeddings
-from hnal_ray.features import FeatureSet, load_features
+from hnal_ray.data.splits import split_ids
+from hnal_ray.retrieval.embed import embed_features, write_embeddings
+from hnal_ray.data.features import FeatureSet, load_features
 from hnal_ray.io import embedding_array, write_json, write_parquet
-from hnal_ray.loop_config import LoopConfig, StrategyConfig
-from hnal_ray.training import evaluate, load_best
+from hnal_ray.loop.config import LoopConfig, StrategyConfig
+from hnal_ray.retrieval.training import evaluate, load_best
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +140,7 @@ class Loop:
 
             run_score_on_ray(inputs, score_cfg, d / "score")
         else:
-            from hnal_ray.score_job import run_score
+            from hnal_ray.score.job import run_score
 
             run_score(inputs, score_cfg, d / "score")
         sel = pq.read_table(d / "score" / "selection.parquet")
@@ -192,7 +193,7 @@ def run_loop(cfg: LoopConfig, out: str | Path) -> Path:
 
         raise ConfigError(f"{out}: holds a run with a different config ({saved}); use another --out")
     write_json(current, saved)
-    from hnal_ray.report import write_report
+    from hnal_ray.loop.report import write_report
 
     rows = Loop(cfg, out).run()
     return write_report(cfg, out, rows)

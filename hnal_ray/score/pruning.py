@@ -7,7 +7,7 @@ A cluster whose bound is <= 0 holds no hard negative for u: its product is skipp
 Surplus/Counting score is unchanged. The bound also caps the skipped margins, so max_margin stays
 exact: an item whose computed margins are all <= 0 visits the skipped clusters in decreasing bound
 order until the next bound cannot beat its best margin (branch and bound; usually one cluster).
-`score_pool_dense` (hnal_ray.scoring.score_pool) is the same block kernel with no skipping.
+`score_pool_dense` (hnal_ray.score.scoring.score_pool) is the same block kernel with no skipping.
 """
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from hnal_ray.scoring import PoolScores, _check, _product, _tensor, block_weights
-from hnal_ray.scoring import score_pool as score_pool_dense  # the exact dense path, no skipping
+from hnal_ray.score.scoring import PoolScores, check_weight, similarity_into, as_float32_tensor, block_weights
+from hnal_ray.score.scoring import score_pool as score_pool_dense  # the exact dense path, no skipping
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ def score_pool_pruned(pool_emb: np.ndarray, anchor_emb: np.ndarray, thresholds: 
                       device: torch.device | None = None, block_pool: int = 8192, block_anchor: int = 1024,
                       n_clusters: int = 256, seed: int = 0, clusters: AnchorClusters | None = None,
                       dense_above: float = 0.5) -> PrunedScores:
-    """hnal_ray.scoring.score_pool with the bound above: same scores and max_margin, fewer products.
+    """hnal_ray.score.scoring.score_pool with the bound above: same scores and max_margin, fewer products.
 
     pool_emb: (n_u, d) float32 (L2-normalised; any norms are handled, looser); anchor_emb: (n_a, d)
     float32; thresholds: (n_a,) float32, +-inf allowed. `clusters` (from cluster_anchors) is reused
@@ -70,7 +70,7 @@ def score_pool_pruned(pool_emb: np.ndarray, anchor_emb: np.ndarray, thresholds: 
     are slower than the dense kernel's, and every margin is then computed anyway). Work memory is set
     by the blocks: (block_pool, block_anchor) floats plus (block_pool, C) bounds.
     """
-    _check(weight)
+    check_weight(weight)
     device = device or torch.device("cpu")
     n_u, n_a = len(pool_emb), len(anchor_emb)
     scores, max_margin = np.zeros(n_u), np.full(n_u, -np.inf, np.float32)
@@ -78,7 +78,7 @@ def score_pool_pruned(pool_emb: np.ndarray, anchor_emb: np.ndarray, thresholds: 
         return PrunedScores(scores, max_margin, 0)
     table = _ClusterTable(anchor_emb, thresholds, clusters or cluster_anchors(anchor_emb, n_clusters, seed),
                           block_anchor, device)
-    pool, done = _tensor(pool_emb), [0, 0]
+    pool, done = as_float32_tensor(pool_emb), [0, 0]
     buf = torch.empty(min(block_pool, n_u) * min(block_anchor, n_a), device=device)
     with torch.inference_mode():
         for u0 in range(0, n_u, block_pool):
@@ -106,8 +106,8 @@ class _ClusterTable:
                       for s, e in zip(self.starts[:-1], self.starts[1:])]
         self.dense = [(a0, min(a0 + block_anchor, len(emb))) for a0 in range(0, len(emb), block_anchor)]
         self.sizes = torch.as_tensor(np.diff(self.starts), dtype=torch.float64, device=device)
-        self.anchors, self.xi = _tensor(emb).to(device), _tensor(self.xi_np).to(device)
-        self.centres = _tensor(centres).to(device)
+        self.anchors, self.xi = as_float32_tensor(emb).to(device), as_float32_tensor(self.xi_np).to(device)
+        self.centres = as_float32_tensor(centres).to(device)
         finite = np.abs(self.xi_np[np.isfinite(self.xi_np)])
         self.norms = (float(np.linalg.norm(centres, axis=1).max()), float(np.linalg.norm(emb, axis=1).max()),
                       float(finite.max()) if len(finite) else 0.0, emb.shape[1])
@@ -132,7 +132,7 @@ class _ClusterTable:
         mm = torch.full((len(p),), -torch.inf, device=p.device)
         if float(hit.double().sum(dim=0) @ self.sizes) > dense_above * len(p) * len(self.xi):
             for a0, a1 in self.dense:  # little to skip: all margins, so max_margin is exact as well
-                top, total = block_weights(_product(p, self.anchors[a0:a1], buf).sub_(self.xi[a0:a1]), weight)
+                top, total = block_weights(similarity_into(p, self.anchors[a0:a1], buf).sub_(self.xi[a0:a1]), weight)
                 mm, acc = torch.maximum(mm, top), acc + total
             done[0] += len(p) * len(self.xi)
             return acc, mm
@@ -142,7 +142,7 @@ class _ClusterTable:
                 continue
             sub = p if len(rows) == len(p) else p.index_select(0, rows)
             for a0, a1 in slabs:
-                top, total = block_weights(_product(sub, self.anchors[a0:a1], buf).sub_(self.xi[a0:a1]), weight)
+                top, total = block_weights(similarity_into(sub, self.anchors[a0:a1], buf).sub_(self.xi[a0:a1]), weight)
                 acc.index_add_(0, rows, total)
                 mm[rows] = torch.maximum(mm[rows], top)
                 done[0] += len(rows) * (a1 - a0)
@@ -161,7 +161,7 @@ class _ClusterTable:
                 sel = (c == cc).nonzero().squeeze(1)
                 rows, sub = need[sel], p.index_select(0, need[sel])
                 for a0, a1 in self.slabs[cc]:
-                    top = _product(sub, self.anchors[a0:a1], buf).sub_(self.xi[a0:a1]).amax(dim=1)
+                    top = similarity_into(sub, self.anchors[a0:a1], buf).sub_(self.xi[a0:a1]).amax(dim=1)
                     mm[rows] = torch.maximum(mm[rows], top)
                     done[1] += len(rows) * (a1 - a0)
                 cand[sel, cc] = -torch.inf

@@ -21,14 +21,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from hnal_ray.baselines import coreset_select
+from hnal_ray.score.baselines import coreset_select
 from hnal_ray.config import ScoreConfig, ScoreInputs
 from hnal_ray.device import pick_device
 from hnal_ray.io import read_embeddings, write_json, write_parquet
-from hnal_ray.plan import Plan, check_inputs, input_fingerprint, load_keys_sorted, shard_specs
-from hnal_ray.selection import Ranked, merge_top, select_top
-from hnal_ray.thresholds import kth, merge_topk, minibatch_thresholds
-from hnal_ray.worker import Anchors, ScoreTask, ShardResult, ShardSpec, ShardWorker, score_table
+from hnal_ray.score.plan import Plan, check_inputs, input_fingerprint, load_keys_sorted, shard_specs
+from hnal_ray.score.selection import Ranked, merge_top, select_top
+from hnal_ray.score.thresholds import kth, merge_topk, minibatch_thresholds
+from hnal_ray.score.worker import Anchors, ScoreTask, ShardResult, ShardSpec, ShardWorker, score_table
 
 log = logging.getLogger(__name__)
 

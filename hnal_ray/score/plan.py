@@ -8,12 +8,12 @@ import numpy as np
 
 from hnal_ray.config import ScoreConfig, ScoreInputs
 from hnal_ray.io import InputError, check_unique, read_embeddings, read_ids
-from hnal_ray.worker import Anchors, ShardSpec
+from hnal_ray.score.worker import Anchors, ShardSpec
 
 
 @dataclass(frozen=True)
 class SideTables:
-    """Which input plays which role on a side (see hnal_ray.thresholds for anchor/key)."""
+    """Which input plays which role on a side (see hnal_ray.score.thresholds for anchor/key)."""
 
     anchor_path: str
     anchor_id: str

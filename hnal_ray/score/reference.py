@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from hnal_ray.thresholds import minibatch_assignment
+from hnal_ray.score.thresholds import minibatch_assignment
 
 
 def dense_thresholds(text_emb: np.ndarray, text_owner: np.ndarray, image_emb: np.ndarray,

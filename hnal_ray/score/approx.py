@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from hnal_ray.scoring import WEIGHTS, PoolScores
+from hnal_ray.score.scoring import WEIGHTS, PoolScores
 
 log = logging.getLogger(__name__)
 

@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from hnal_ray.features import FeatureSet
-from hnal_ray.loss import vse_loss
-from hnal_ray.metrics import recall_at_k
-from hnal_ray.model import DualEncoder, ModelConfig
+from hnal_ray.data.features import FeatureSet
+from hnal_ray.retrieval.loss import vse_loss
+from hnal_ray.retrieval.metrics import recall_at_k
+from hnal_ray.retrieval.model import DualEncoder, ModelConfig
 
 
 @dataclass(frozen=True)

@@ -10,8 +10,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from hnal_ray.io import read_embeddings, write_parquet
-from hnal_ray.loop_config import LoopConfig, StrategyConfig
-from hnal_ray.thresholds import kth, minibatch_thresholds, negative_topk
+from hnal_ray.loop.config import LoopConfig, StrategyConfig
+from hnal_ray.score.thresholds import kth, minibatch_thresholds, negative_topk
 
 
 def summarize(rows: list[dict]) -> list[dict]:

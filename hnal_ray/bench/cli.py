@@ -1,0 +1,42 @@
+"""The `hnal bench` command line (also `python -m hnal_ray.bench score ...`)."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+from hnal_ray.bench.paths import BenchConfig
+
+
+def _tuple(cast):
+    return lambda v: tuple(cast(x) for x in v.split(",") if x)
+
+
+def add_bench_parser(subparsers) -> None:
+    """Register `bench score` on the `hnal` command line; flags mirror BenchConfig."""
+    bench = subparsers.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
+    p = bench.add_parser("score", help="exact scoring vs the same-shape GEMM, naive peers, pruned, approx, Ray")
+    for f in dataclasses.fields(BenchConfig):
+        if f.type in ("int", "float"):
+            p.add_argument("--" + f.name.replace("_", "-"), type=int if f.type == "int" else float, default=f.default)
+    p.add_argument("--weight", default="surplus", choices=["surplus", "counting"])
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--sizes", type=_tuple(int), default=(), help="pool sizes for memory growth, e.g. 1000,4000")
+    p.add_argument("--approx", type=_tuple(lambda x: tuple(map(int, x.split(":")))), default=BenchConfig.approx,
+                   help="nprobe:top_m settings, e.g. 1:32,4:64")
+    p.add_argument("--actors", type=_tuple(int), default=(), help="Ray actor counts, e.g. 1,2; 0: no Ray")
+    p.add_argument("--precisions", type=_tuple(str), default=(), help="low-precision variants: bf16,tf32")
+    p.add_argument("--no-isolate", dest="isolate", action="store_false", help="every path in this process")
+    p.add_argument("--json", default=None, help="also write the figures here as JSON")
+    p.set_defaults(func=cmd_bench_score)
+
+
+def cmd_bench_score(a: argparse.Namespace) -> int:
+    from hnal_ray.bench.score import run_bench
+    from hnal_ray.bench.table import format_table
+    from hnal_ray.io import write_json
+
+    res = run_bench(BenchConfig(**{f.name: getattr(a, f.name) for f in dataclasses.fields(BenchConfig)}))
+    print(format_table(res))  # the benchmark's output is the table
+    if a.json:
+        write_json(res, a.json)
+    return 0
