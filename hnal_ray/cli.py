@@ -19,6 +19,15 @@ def _threshold_batch(v: str) -> int | None:
         raise argparse.ArgumentTypeError(f"expected 'full' or an integer batch size, got {v!r}") from None
 
 
+def _workers(v: str) -> int | str:
+    if v == "auto":
+        return v
+    try:
+        return int(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or an integer, got {v!r}") from None
+
+
 def add_score_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--paired-images", required=True, help="Parquet file/dir: image_id, embedding")
     p.add_argument("--paired-texts", required=True, help="Parquet file/dir: text_id, image_id, embedding")
@@ -165,7 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--batch-size", type=int, default=128)
     tr.add_argument("--lr", type=float, default=1e-3)
     tr.add_argument("--warmup-epochs", type=int, default=2)
-    tr.add_argument("--num-workers", type=int, default=2)
+    tr.add_argument("--num-workers", type=_workers, default="auto",
+                    help="0: Ray Train local mode; N: N DDP workers; auto (default): local mode without GPUs")
     tr.add_argument("--max-failures", type=int, default=1)
     tr.add_argument("--seed", type=int, default=0)
     tr.add_argument("--address", default=None)

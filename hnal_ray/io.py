@@ -195,12 +195,13 @@ def _tmp_name(path: Path) -> Path:
     return path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
 
 
-def write_parquet(table: pa.Table, path: str | os.PathLike) -> Path:
-    """Write `table` to a temporary name beside `path`, then rename: readers never see half a file."""
+def write_parquet(table: pa.Table, path: str | os.PathLike, row_group_size: int | None = None) -> Path:
+    """Write `table` to a temporary name beside `path`, then rename: readers never see half a file.
+    `row_group_size` rows per row group (default: pyarrow's, up to 1M rows in one group)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _tmp_name(path)
-    pq.write_table(table, tmp, compression="zstd")
+    pq.write_table(table, tmp, compression="zstd", row_group_size=row_group_size)
     os.replace(tmp, path)
     return path
 

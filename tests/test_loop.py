@@ -1,6 +1,8 @@
-"""The main job end to end: jobs/smoke.yaml on a local Ray (a subprocess, as a user runs it)."""
+"""The main job end to end: jobs/smoke.yaml on a local Ray (a subprocess, as a user runs it):
+the report, numbers independent of how many rounds run at once, and a killed run resuming."""
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -12,25 +14,29 @@ pytestmark = pytest.mark.ray
 REPO = Path(__file__).resolve().parents[1]
 
 
-def loop(out, sets, env=None):
-    return subprocess.run([sys.executable, "-m", "hnal_ray.cli", "loop", "jobs/smoke.yaml", "--out", str(out), *sets],
-                          cwd=REPO, env=env or os.environ.copy(), capture_output=True, text=True, timeout=900)
+def loop_cmd(out, sets):
+    return [sys.executable, "-m", "hnal_ray.cli", "loop", "jobs/smoke.yaml", "--out", str(out), *sets]
+
+
+def loop(out, sets):
+    return subprocess.run(loop_cmd(out, sets), cwd=REPO, capture_output=True, text=True, timeout=900)
 
 
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
+    """The smoke run with up to 3 rounds at once (data and features built here, shared below)."""
     root = tmp_path_factory.mktemp("smoke")
     sets = ["--set", f"data={root}/data", "--set", f"features={root}/features"]
-    r = loop(root / "out", sets)
+    r = loop(root / "out", sets + ["--set", "concurrency=3"])
     assert r.returncode == 0, r.stderr[-4000:]
     return root, sets, r
 
 
 def test_smoke_run_writes_the_report(smoke):
-    root, _, r = smoke
+    root, _, run = smoke
     out = root / "out"
-    assert f"report: {out / 'report.html'}" in r.stdout
-    for name in ("report.html", "report.md", "curves.png", "metrics.parquet"):
+    assert f"report: {out / 'report.html'}" in run.stdout
+    for name in ("report.html", "report.md", "curves.png", "metrics.parquet", "timings.parquet"):
         assert (out / name).stat().st_size > 0
     assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     rows = pq.read_table(out / "metrics.parquet").to_pylist()
@@ -42,26 +48,48 @@ def test_smoke_run_writes_the_report(smoke):
     round0 = [r for r in rows if r["round"] == 0]
     assert round0[0]["rsum"] == round0[1]["rsum"]   # one shared seed-set model per seed
     html = (out / "report.html").read_text()
-    assert "curves.png" in html and "Why selected" in html and html.count("<tr>") == 7
+    assert "curves.png" in html and "Why selected" in html and "Wall time per round" in html
+    assert html.count("<tr>") == 1 + 6 + 1 + 3    # metrics: header + 6 rows; times: header + 3 groups
     thumbs = list((out / "thumbs").glob("*.png"))
     assert thumbs and all(f"thumbs/{t.name}" in html for t in thumbs)
     state = json.loads((out / "surplus-top1" / "seed-0" / "round-2" / "state.json").read_text())
     assert len(state["selected"]) == 20 and not set(state["selected"]) & set(
         json.loads((out / "surplus-top1" / "seed-0" / "round-1" / "state.json").read_text())["selected"])
+    assert set(state["timings"]) == {"embed_s", "score_s", "select_s", "annotate_s", "train_s", "evaluate_s"}
+    times = pq.read_table(out / "timings.parquet").to_pylist()
+    assert len(times) == 6 and all(t["train_s"] > 0 and t["round_s"] >= t["train_s"] for t in times)
+    assert "[5/5 rounds]" in run.stderr and "up to 3 at once" in run.stderr
 
 
-def test_killed_after_round_1_resumes_to_the_same_numbers(smoke):
+def test_concurrency_does_not_change_the_numbers(smoke):
     root, sets, _ = smoke
-    out = root / "resumed"
-    only_random = sets + ["--set", "strategies=[{name: random, strategy: random}]"]
-    killed = loop(out, only_random, dict(os.environ, HNAL_STOP_AFTER_ROUNDS="2"))
-    assert killed.returncode == 3, killed.stderr[-3000:]
-    assert (out / "random" / "seed-0" / "round-1" / "state.json").exists()
-    assert not (out / "random" / "seed-0" / "round-2").exists() and not (out / "report.html").exists()
-    again = loop(out, only_random)
+    one = loop(root / "one-at-a-time", sets + ["--set", "concurrency=1"])
+    assert one.returncode == 0, one.stderr[-3000:]
+    assert "up to 1 at once" in one.stderr
+    assert pq.read_table(root / "one-at-a-time" / "metrics.parquet").equals(pq.read_table(root / "out" / "metrics.parquet"))
+
+
+def test_killed_concurrent_run_resumes_to_the_same_numbers(smoke):
+    """SIGKILL of the whole process group (driver and its embedded Ray) after two rounds; the same
+    command then runs only the missing rounds, in the driver this time (concurrency 0)."""
+    root, sets, _ = smoke
+    out = root / "killed"
+    killed = subprocess.run(loop_cmd(out, sets + ["--set", "concurrency=2"]), cwd=REPO, start_new_session=True,
+                            env=dict(os.environ, HNAL_KILL_AFTER_ROUNDS="2"), capture_output=True, text=True,
+                            timeout=600)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    before = {f: f.stat().st_mtime_ns for f in out.glob("*/seed-*/round-*/state.json")}
+    assert not (out / "report.html").exists() and len(before) < 5
+    again = loop(out, sets + ["--set", "concurrency=0"])
     assert again.returncode == 0, again.stderr[-3000:]
-    assert "[3/3 rounds] random seed 0 round 2" in again.stderr       # only the missing round ran
-    assert "round 0: test" not in again.stderr and "round 1: test" not in again.stderr
-    want = [r for r in pq.read_table(root / "out" / "metrics.parquet").to_pylist() if r["strategy"] == "random"]
-    got = pq.read_table(out / "metrics.parquet").to_pylist()
-    assert got == want
+    assert f"5 rounds ({len(before)} already done)" in again.stderr
+    assert all(f.stat().st_mtime_ns == t for f, t in before.items())    # finished rounds were not redone
+    assert pq.read_table(out / "metrics.parquet").equals(pq.read_table(root / "out" / "metrics.parquet"))
+
+
+def test_a_changed_config_is_refused_but_concurrency_is_not_part_of_it(smoke):
+    root, sets, _ = smoke
+    again = loop(root / "out", sets + ["--set", "concurrency=1"])      # everything done: only the report
+    assert again.returncode == 0 and "5 rounds (5 already done)" in again.stderr
+    other = loop(root / "out", sets + ["--set", "budget=10"])
+    assert other.returncode == 2 and "holds a run with a different config" in other.stderr

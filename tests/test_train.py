@@ -59,3 +59,35 @@ def test_fit_learns_recovers_a_killed_worker_and_resumes(tmp_path):
                str(tmp_path / "runs"), "t")
     assert more.last["epoch"] == 5 and more.last["resumed_at"] == 4    # picked up after epoch 3
     assert json.loads(json.dumps(more.best))["rsum"] >= meta["best"]["rsum"]
+
+
+def test_local_mode_fit_persists_resumes_and_is_deterministic(tmp_path):
+    """num_workers=0 (Ray Train V2 local mode): the checkpoint lands in the storage path, a longer
+    rerun resumes after the last epoch, and the result equals a fresh fit of the same length."""
+    from hnal_ray.cluster.train import fit, resolve_workers
+
+    ids = synthetic_features(tmp_path, seed=1)
+    model_cfg = ModelConfig(image_dim=32, text_dim=16, embed_dim=16, hidden=64)
+    cfg = TrainConfig(epochs=3, batch_size=32, lr=3e-3, warmup_epochs=1, num_workers=0, checkpoint_every=1,
+                      model=model_cfg)
+    assert resolve_workers(TrainConfig(num_workers="auto")) == 0      # a CPU-only cluster: local mode
+    texts = load_features(tmp_path).texts_of(ids[:240])
+    first = fit(str(tmp_path), texts, ids[240:], cfg, str(tmp_path / "runs"), "local")
+    assert first.checkpoint.startswith(str(tmp_path / "runs" / "local"))
+    assert first.last["epoch"] == 2 and first.last["resumed_at"] == 0
+    longer = TrainConfig(**{**cfg.__dict__, "epochs": 5})
+    resumed = fit(str(tmp_path), texts, ids[240:], longer, str(tmp_path / "runs"), "local")
+    assert resumed.last["epoch"] == 4 and resumed.last["resumed_at"] == 3
+    fresh = fit(str(tmp_path), texts, ids[240:], longer, str(tmp_path / "runs"), "fresh")
+    assert fresh.last["resumed_at"] == 0 and fresh.last["loss"] == resumed.last["loss"]
+    assert fresh.best == resumed.best
+    val = load_features(tmp_path).subset(ids[240:])
+    assert evaluate(load_best(resumed.checkpoint)[0], val, torch.device("cpu"))["rsum"] > 300
+
+
+def test_train_config_rejects_bad_worker_counts():
+    from hnal_ray.config import ConfigError
+
+    for bad in (-1, "two", 1.5):
+        with pytest.raises(ConfigError, match="train.num_workers"):
+            TrainConfig(num_workers=bad)

@@ -28,6 +28,13 @@ def add_bench_parser(subparsers) -> None:
     p.add_argument("--no-isolate", dest="isolate", action="store_false", help="every path in this process")
     p.add_argument("--json", default=None, help="also write the figures here as JSON")
     p.set_defaults(func=cmd_bench_score)
+    lp = bench.add_parser("loop", help="wall time per stage and in total of a loop config, run from scratch")
+    lp.add_argument("config", help="run YAML, e.g. jobs/emoji.yaml (its data and features are reused if built)")
+    lp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="as for `hnal loop`")
+    lp.add_argument("--out", default=None, help="keep the run here (a fresh directory); default: a temporary one")
+    lp.add_argument("--address", default=None)
+    lp.add_argument("--json", default=None, help="also write the figures here as JSON")
+    lp.set_defaults(func=cmd_bench_loop)
 
 
 def cmd_bench_score(a: argparse.Namespace) -> int:
@@ -37,6 +44,17 @@ def cmd_bench_score(a: argparse.Namespace) -> int:
 
     res = run_bench(BenchConfig(**{f.name: getattr(a, f.name) for f in dataclasses.fields(BenchConfig)}))
     print(format_table(res))  # the benchmark's output is the table
+    if a.json:
+        write_json(res, a.json)
+    return 0
+
+
+def cmd_bench_loop(a: argparse.Namespace) -> int:
+    from hnal_ray.bench.loop import format_loop_table, run_loop_bench
+    from hnal_ray.io import write_json
+
+    res = run_loop_bench(a.config, a.set, a.out, a.address)
+    print(format_loop_table(res))
     if a.json:
         write_json(res, a.json)
     return 0

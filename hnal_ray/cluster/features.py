@@ -66,6 +66,10 @@ def _run(ds: ray.data.Dataset, udf, out: Path, actors: int, gpu: bool, batch_siz
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     threads = max(1, int(ray.cluster_resources().get("CPU", 1)) // actors)
+    # Ray Data reads one Parquet file as one block, whatever its row groups: cut it so that every
+    # encoder actor gets work (a few blocks each, so a slow one does not hold up the end)
+    rows = ds.count()
+    ds = ds.repartition(max(1, min(actors * 4, -(-rows // batch_size))))
     ds = ds.map_batches(udf, fn_constructor_kwargs={"device": "cuda" if gpu else "cpu", "threads": threads},
                         batch_format="pyarrow", batch_size=batch_size, num_gpus=1 if gpu else 0,
                         num_cpus=0 if gpu else 1, compute=ray.data.ActorPoolStrategy(size=actors))

@@ -33,6 +33,7 @@ Key = tuple[int, ...]
 VARIATION_SELECTOR = 0xFE0F
 SKIN_TONES = frozenset(range(0x1F3FB, 0x1F400))
 SPLITS = ("train", "val", "test")
+ROW_GROUP = 256  # rows per Parquet row group: readers can stream and split the tables
 IMAGES_SCHEMA = pa.schema([("image_id", pa.int64()), ("png", pa.binary()), ("group", pa.string())])
 CAPTIONS_SCHEMA = pa.schema([("text_id", pa.int64()), ("image_id", pa.int64()), ("text", pa.string())])
 SPLIT_SCHEMA = pa.schema([("image_id", pa.int64()), ("split", pa.string())])
@@ -245,7 +246,7 @@ def build_emoji_dataset(out_dir: Path, *, seed: int = 0, fractions: tuple[float,
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "ATTRIBUTION.txt").write_text(ATTRIBUTION.format(**config))
     for name, table in zip(EmojiTables._fields, tables):
-        write_parquet(table, out_dir / f"{name}.parquet")
+        write_parquet(table, out_dir / f"{name}.parquet", row_group_size=ROW_GROUP)
     joined = len(texts.keys() & pngs.keys())
     summary = {**summarize(tables, joined), "config": config}
     write_json(summary, summary_path)
@@ -275,6 +276,6 @@ def subsample_dataset(src_dir: Path, out_dir: Path, n_images: int, seed: int = 0
     out_dir = Path(out_dir)
     for name, table in zip(EmojiTables._fields, src):
         mask = np.isin(table.column("image_id").to_numpy(), keep)
-        write_parquet(table.filter(pa.array(mask)), out_dir / f"{name}.parquet")
+        write_parquet(table.filter(pa.array(mask)), out_dir / f"{name}.parquet", row_group_size=ROW_GROUP)
     (out_dir / "ATTRIBUTION.txt").write_text((Path(src_dir) / "ATTRIBUTION.txt").read_text())
     return {"images": len(keep)}

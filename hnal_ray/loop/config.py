@@ -38,7 +38,9 @@ class LoopConfig:
     seeds: tuple[int, ...] = (0, 1, 2)
     strategies: tuple[StrategyConfig, ...] = ()
     train: TrainConfig = field(default_factory=TrainConfig)
-    shards: int = 2                 # Ray actors for scoring; 0 = in-process
+    shards: int = 0                 # Ray actors per scoring job; 0 = in the round's own process
+    concurrency: int | str = "auto"  # rounds run at once as Ray tasks; 0 = all in the driver; auto = one
+                                     # per GPU, or per `train.threads` CPUs on a CPU cluster
     data_subset: int | None = None  # build the data set from this many images only (smoke runs)
 
     def __post_init__(self):
@@ -51,6 +53,15 @@ class LoopConfig:
             s.score_config(self.budget, 0, self.shards)  # validates each strategy's options
         if self.seed_size < 2 or self.rounds < 0:
             raise ConfigError("seed_size must be >= 2 and rounds >= 0")
+        if not (self.concurrency == "auto" or (isinstance(self.concurrency, int) and self.concurrency >= 0)):
+            raise ConfigError(f"concurrency must be 'auto' or an integer >= 0, got {self.concurrency!r}")
+
+    def result_fields(self) -> dict:
+        """The fields that decide the numbers (not where or how many rounds run at once)."""
+        d = dataclasses.asdict(self)
+        for f in ("concurrency", "shards"):
+            d.pop(f)
+        return d
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:

@@ -1,12 +1,21 @@
-"""The active-learning loop: for each strategy and seed, round by round,
-train -> evaluate -> embed -> score and select -> annotate -> add, with resumable round states."""
+"""The active-learning loop's driver: round 0 (the seed set) per seed, then per (strategy, seed)
+trajectory, round by round: embed -> score and select -> annotate -> train -> evaluate.
+
+After round 0 every trajectory depends only on its own previous round, so independent rounds run
+at once as Ray tasks (`concurrency`); each round writes its `state.json` atomically when done, so a
+killed run resumes from its finished rounds, and the numbers never depend on how many ran at once
+(each round sets its own torch thread count and seeds).
+"""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
 import shutil
+import signal
+import sys
 import time
 from pathlib import Path
 
@@ -14,17 +23,19 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
+from tqdm import tqdm
 
-from hnal_ray.loop.annotate import Annotator, OracleAnnotator
-from hnal_ray.config import ScoreInputs
-from hnal_ray.data.splits import split_ids
-from hnal_ray.retrieval.embed import embed_features, write_embeddings
+from hnal_ray.config import ConfigError, ScoreInputs
 from hnal_ray.data.features import FeatureSet, load_features
+from hnal_ray.data.splits import split_ids
 from hnal_ray.io import embedding_array, write_json, write_parquet
+from hnal_ray.loop.annotate import OracleAnnotator
 from hnal_ray.loop.config import LoopConfig, StrategyConfig
+from hnal_ray.retrieval.embed import embed_features, write_embeddings
 from hnal_ray.retrieval.training import evaluate, load_best
 
 log = logging.getLogger(__name__)
+STAGES = ("embed_s", "score_s", "select_s", "annotate_s", "train_s", "evaluate_s")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,8 +45,18 @@ class Splits:
     test: np.ndarray
 
 
-def prepare(cfg: LoopConfig) -> tuple[FeatureSet, Splits]:
-    """Build the data set and extract features if missing (both cached), then read the splits."""
+@dataclasses.dataclass(frozen=True)
+class Context:
+    """What every round reads: the frozen features, the splits, the test set and the annotator."""
+
+    feats: FeatureSet
+    splits: Splits
+    test: FeatureSet
+    annotator: OracleAnnotator
+
+
+def prepare(cfg: LoopConfig) -> None:
+    """Build the data set and extract features if missing (both cached); runs on the driver."""
     from hnal_ray.cluster.features import extract_features
     from hnal_ray.data.emoji import build_emoji_dataset, subsample_dataset
 
@@ -48,152 +69,249 @@ def prepare(cfg: LoopConfig) -> tuple[FeatureSet, Splits]:
         else:
             build_emoji_dataset(data)
     extract_features(cfg.data, cfg.features)
-    return load_features(cfg.features), Splits(*(split_ids(cfg.data, s) for s in ("train", "val", "test")))
 
 
-class Loop:
-    """One run directory: round states under DIR/<strategy>/seed-<s>/round-<r>/state.json."""
+@functools.lru_cache(maxsize=2)
+def load_context(features: str, data: str) -> Context:
+    """Loaded once per process (Ray reuses a task's worker process for the next round)."""
+    feats = load_features(features)
+    splits = Splits(*(split_ids(data, s) for s in ("train", "val", "test")))
+    return Context(feats, splits, feats.subset(splits.test), OracleAnnotator(feats.text_ids, feats.text_owner))
 
-    def __init__(self, cfg: LoopConfig, out: str | Path, annotator: Annotator | None = None):
-        self.cfg, self.out = cfg, Path(out)
-        self.feats, self.splits = prepare(cfg)
-        self.test = self.feats.subset(self.splits.test)
-        self.annotator = annotator or OracleAnnotator(self.feats.text_ids, self.feats.text_owner)
-        self.total = len(cfg.seeds) * (1 + len(cfg.strategies) * cfg.rounds)
-        self.done, self.t0, self.fresh = 0, time.perf_counter(), 0
-        self.stop_after = int(os.environ.get("HNAL_STOP_AFTER_ROUNDS", 0))  # test switch: die mid-run
 
-    def run(self) -> list[dict]:
-        """Every trajectory to its last round; returns one metrics row per (strategy, seed, round)."""
-        rows = []
-        for seed in self.cfg.seeds:
-            first = self._round(None, seed, 0, None)
-            for strategy in self.cfg.strategies:
-                state = first
-                rows.append(self._row(strategy, seed, state))
-                for r in range(1, self.cfg.rounds + 1):
-                    state = self._round(strategy, seed, r, state)
-                    rows.append(self._row(strategy, seed, state))
-        return rows
+def round_dir(out: Path, strategy: str | None, seed: int, r: int) -> Path:
+    return Path(out) / (strategy or "_seed-set") / f"seed-{seed}" / f"round-{r}"
 
-    # ------------------------------------------------------------------ one round
 
-    def _round(self, strategy: StrategyConfig | None, seed: int, r: int, prev: dict | None) -> dict:
-        d = self._dir(strategy, seed, r)
-        if (d / "state.json").exists():
-            self.done += 1
-            return json.loads((d / "state.json").read_text())
-        name = strategy.name if strategy else "seed-set"
+def read_state(out: Path, strategy: str | None, seed: int, r: int) -> dict | None:
+    f = round_dir(out, strategy, seed, r) / "state.json"
+    return json.loads(f.read_text()) if f.exists() else None
+
+
+# ---------------------------------------------------------------------------------- one round
+
+def run_round(cfg: LoopConfig, out: str, strategy: StrategyConfig | None, seed: int, r: int,
+              prev: dict | None) -> dict:
+    """One round, in whatever process it lands in (a Ray task or the driver); returns its state."""
+    t0 = time.perf_counter()
+    torch.set_num_threads(cfg.train.threads)
+    logging.getLogger("ray.train").setLevel(logging.WARNING)  # local mode logs every report at INFO
+    ctx = load_context(cfg.features, cfg.data)
+    name = strategy.name if strategy else "seed-set"
+    d = round_dir(Path(out), strategy.name if strategy else None, seed, r)
+    timings: dict[str, float] = {}
+    if prev is None:
+        rng = np.random.default_rng(seed)
+        images = np.sort(rng.choice(ctx.splits.train, cfg.seed_size, replace=False))
+        paired, selected = ctx.feats.texts_of(images), np.zeros(0, np.int64)
+    else:
+        selected = _select(cfg, ctx, strategy, seed, r, prev, d, timings)
         t = time.perf_counter()
-        if prev is None:
-            rng = np.random.default_rng(seed)
-            images = np.sort(rng.choice(self.splits.train, self.cfg.seed_size, replace=False))
-            paired, selected = self.feats.texts_of(images), np.zeros(0, np.int64)
-        else:
-            self._stage(name, seed, r, "embed + score + select")
-            selected = self._select(strategy, seed, r, prev, d)
-            self._stage(name, seed, r, "annotate")
-            paired = np.union1d(prev["paired_text_ids"], self.annotator.annotate(strategy.side, selected))
-        self._stage(name, seed, r, "train")
-        checkpoint, val_best = self._train(paired, seed, d, f"{name}-s{seed}-r{r}")
-        model, _ = load_best(checkpoint)
-        metrics = evaluate(model, self.test, torch.device("cpu"))
-        state = {"strategy": name, "seed": seed, "round": r, "paired_text_ids": paired.tolist(),
-                 "paired_images": int(len(np.unique(self.feats.pairs(paired).image_ids))),
-                 "selected": selected.tolist(),
-                 "annotated": (prev["annotated"] if prev else 0) + len(selected),
-                 "checkpoint": checkpoint, "val_best": val_best, "test": metrics,
-                 "seconds": time.perf_counter() - t}
-        write_json(state, d / "state.json")  # atomic: the round counts as done only now
+        paired = np.union1d(prev["paired_text_ids"], ctx.annotator.annotate(strategy.side, selected))
+        timings["annotate_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    checkpoint, val_best = _train(cfg, ctx, paired, seed, d, Path(out), f"{name}-s{seed}-r{r}")
+    timings["train_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    model, _ = load_best(checkpoint)
+    metrics = evaluate(model, ctx.test, torch.device("cpu"))
+    timings["evaluate_s"] = time.perf_counter() - t
+    state = {"strategy": name, "seed": seed, "round": r, "paired_text_ids": paired.tolist(),
+             "paired_images": int(len(np.unique(ctx.feats.pairs(paired).image_ids))),
+             "selected": selected.tolist(), "annotated": (prev["annotated"] if prev else 0) + len(selected),
+             "checkpoint": checkpoint, "val_best": val_best, "test": metrics, "timings": timings,
+             "seconds": time.perf_counter() - t0}
+    write_json(state, d / "state.json")  # atomic: the round counts as done only now
+    return state
+
+
+def _select(cfg: LoopConfig, ctx: Context, strategy: StrategyConfig, seed: int, r: int, prev: dict, d: Path,
+            timings: dict) -> np.ndarray:
+    """Embed paired set and pool with the previous round's model, then `hnal score` on them."""
+    t = time.perf_counter()
+    feats, paired = ctx.feats, np.asarray(prev["paired_text_ids"], np.int64)
+    img, txt = embed_features(prev["checkpoint"], feats)
+    paired_images = np.unique(feats.text_owner[np.isin(feats.text_ids, paired)])
+    emb = d / "embeddings"
+    write_embeddings(feats, img, txt, emb / "paired", paired_images, np.zeros(0, np.int64))
+    _write_texts(feats, txt, paired, emb / "paired" / "captions.parquet")  # exactly the paired pairs
+    if strategy.side == "image":
+        pool = np.setdiff1d(ctx.splits.train, paired_images)
+        write_embeddings(feats, img, txt, emb / "pool", pool, np.zeros(0, np.int64))
+        pool_path = emb / "pool" / "images.parquet"
+    else:
+        train_texts = feats.texts_of(ctx.splits.train)
+        _write_texts(feats, txt, np.setdiff1d(train_texts, paired), emb / "pool" / "captions.parquet",
+                     with_owner=False)
+        pool_path = emb / "pool" / "captions.parquet"
+    timings["embed_s"] = time.perf_counter() - t
+    inputs = ScoreInputs(str(emb / "paired" / "images.parquet"), str(emb / "paired" / "captions.parquet"),
+                         str(pool_path))
+    score_cfg = strategy.score_config(cfg.budget, seed * 1000 + r, cfg.shards)
+    t = time.perf_counter()
+    if score_cfg.shards > 0:
+        from hnal_ray.cluster.score import run_score_on_ray
+
+        summary = run_score_on_ray(inputs, score_cfg, d / "score")
+    else:
+        from hnal_ray.score.job import run_score
+
+        summary = run_score(inputs, score_cfg, d / "score")
+    sel = pq.read_table(d / "score" / "selection.parquet")
+    total = time.perf_counter() - t
+    scored = summary["timings"].get("thresholds_s", 0.0) + summary["timings"].get("score_s", 0.0)
+    timings["score_s"], timings["select_s"] = scored, max(total - scored, 0.0)
+    return sel.column(0).to_numpy().astype(np.int64)
+
+
+def _write_texts(feats: FeatureSet, txt: np.ndarray, text_ids: np.ndarray, path: Path,
+                 with_owner: bool = True) -> None:
+    keep = np.isin(feats.text_ids, text_ids)
+    cols = {"text_id": feats.text_ids[keep]}
+    if with_owner:
+        cols["image_id"] = feats.text_owner[keep]
+    cols["embedding"] = embedding_array(txt[keep])
+    write_parquet(pa.table(cols), path)
+
+
+def _train(cfg: LoopConfig, ctx: Context, paired: np.ndarray, seed: int, d: Path, out: Path,
+           name: str) -> tuple[str, dict]:
+    """A Ray Train fit from scratch (a half-finished fit of an interrupted run is discarded, so
+    resumed runs give the same numbers); the best checkpoint is copied into the round."""
+    from hnal_ray.cluster.train import fit
+
+    storage = out / "_train"
+    shutil.rmtree(storage / name, ignore_errors=True)
+    res = fit(cfg.features, paired, ctx.splits.val, dataclasses.replace(cfg.train, seed=seed), str(storage), name)
+    ckpt = d / "checkpoint"
+    shutil.rmtree(ckpt, ignore_errors=True)
+    shutil.copytree(res.checkpoint, ckpt)
+    shutil.rmtree(storage / name, ignore_errors=True)
+    return str(ckpt), res.best
+
+
+# ---------------------------------------------------------------------------------- scheduling
+
+class Progress:
+    """One bar (rounds done / total, ETA) on a terminal; one log line per finished round otherwise."""
+
+    def __init__(self, total: int, done: int):
+        self.total, self.done, self.fresh, self.t0 = total, done, 0, time.perf_counter()
+        self.bar = tqdm(total=total, initial=done, unit="round", desc="rounds") if sys.stderr.isatty() else None
+
+    def finished(self, state: dict) -> None:
         self.done, self.fresh = self.done + 1, self.fresh + 1
-        if self.fresh == self.stop_after:
-            log.warning("HNAL_STOP_AFTER_ROUNDS=%d: stopping the process now", self.stop_after)
-            os._exit(3)
         eta = (time.perf_counter() - self.t0) / self.fresh * (self.total - self.done)
-        log.info("[%d/%d rounds] %s seed %d round %d: test rsum %.1f, R@1-sum %.1f (%.0fs; ETA %.0f min)",
-                 self.done, self.total, name, seed, r, metrics["rsum"], metrics["r1_sum"], state["seconds"],
-                 eta / 60)
-        return state
-
-    def _select(self, strategy: StrategyConfig, seed: int, r: int, prev: dict, d: Path) -> np.ndarray:
-        """Embed paired set and pool with the previous round's model, then `hnal score` on them."""
-        paired = np.asarray(prev["paired_text_ids"], np.int64)
-        img, txt = embed_features(prev["checkpoint"], self.feats)
-        paired_images = np.unique(self.feats.text_owner[np.isin(self.feats.text_ids, paired)])
-        emb = d / "embeddings"
-        write_embeddings(self.feats, img, txt, emb / "paired", paired_images, np.zeros(0, np.int64))
-        self._write_texts(txt, paired, emb / "paired" / "captions.parquet")  # exactly the paired pairs
-        if strategy.side == "image":
-            pool = np.setdiff1d(self.splits.train, paired_images)
-            write_embeddings(self.feats, img, txt, emb / "pool", pool, np.zeros(0, np.int64))
-            pool_path = emb / "pool" / "images.parquet"
+        stages = ", ".join(f"{k[:-2]} {v:.1f}s" for k, v in state["timings"].items())
+        m = state["test"]
+        line = (f"[{self.done}/{self.total} rounds] {state['strategy']} seed {state['seed']} round {state['round']}: "
+                f"test rsum {m['rsum']:.1f}, R@1-sum {m['r1_sum']:.1f} ({state['seconds']:.0f}s: {stages}; "
+                f"ETA {eta / 60:.1f} min)")
+        if self.bar is not None:
+            self.bar.set_postfix_str(f"{state['strategy']} s{state['seed']} r{state['round']}", refresh=False)
+            self.bar.update(1)
         else:
-            train_texts = self.feats.texts_of(self.splits.train)
-            self._write_texts(txt, np.setdiff1d(train_texts, paired), emb / "pool" / "captions.parquet",
-                              with_owner=False)
-            pool_path = emb / "pool" / "captions.parquet"
-        inputs = ScoreInputs(str(emb / "paired" / "images.parquet"), str(emb / "paired" / "captions.parquet"),
-                             str(pool_path))
-        score_cfg = strategy.score_config(self.cfg.budget, seed * 1000 + r, self.cfg.shards)
-        if score_cfg.shards > 0:
-            from hnal_ray.cluster.score import run_score_on_ray
+            log.info("%s", line)
 
-            run_score_on_ray(inputs, score_cfg, d / "score")
-        else:
-            from hnal_ray.score.job import run_score
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
-            run_score(inputs, score_cfg, d / "score")
-        sel = pq.read_table(d / "score" / "selection.parquet")
-        return sel.column(0).to_numpy().astype(np.int64)
 
-    def _write_texts(self, txt: np.ndarray, text_ids: np.ndarray, path: Path, with_owner: bool = True) -> None:
-        keep = np.isin(self.feats.text_ids, text_ids)
-        cols = {"text_id": self.feats.text_ids[keep]}
-        if with_owner:
-            cols["image_id"] = self.feats.text_owner[keep]
-        cols["embedding"] = embedding_array(txt[keep])
-        write_parquet(pa.table(cols), path)
+def run_rounds(cfg: LoopConfig, out: Path) -> dict[tuple, dict]:
+    """Every round of every trajectory, independent ones at once; {(strategy|None, seed, round): state}."""
+    from hnal_ray.cluster.tasks import TaskPool, task_resources
 
-    def _train(self, paired: np.ndarray, seed: int, d: Path, name: str) -> tuple[str, dict]:
-        """Ray Train fit from scratch (a half-finished fit of an interrupted run is discarded,
-        so resumed runs give the same numbers); the best checkpoint is copied into the round."""
-        from hnal_ray.cluster.train import fit
+    if cfg.concurrency == 0:
+        pool = TaskPool(0)
+    else:
+        cpus, gpus, fits = task_resources(cfg.train.threads)
+        if cfg.train.num_workers not in ("auto", 0):
+            cpus = 0.0  # the round only drives the fit; its DDP workers hold the CPUs
+        pool = TaskPool(fits if cfg.concurrency == "auto" else cfg.concurrency, cpus, gpus)
+    total = len(cfg.seeds) * (1 + len(cfg.strategies) * cfg.rounds)
+    done = sum(1 for f in out.glob("*/seed-*/round-*/state.json"))
+    progress, states = Progress(total, min(done, total), ), {}
+    log.info("%d rounds (%d already done), up to %s at once", total, min(done, total),
+             pool.max_in_flight or "1 (in the driver)")
+    ready = [(None, seed, 0, None) for seed in cfg.seeds]
+    kill_after = int(os.environ.get("HNAL_KILL_AFTER_ROUNDS", 0))  # test switch: die like `kill -9` mid-run
+    by_name = {s.name: s for s in cfg.strategies}
+    try:
+        while ready or pool.busy:
+            while ready:
+                name, seed, r, prev = ready.pop(0)
+                state = read_state(out, name, seed, r)
+                if state is None:
+                    pool.submit((name, seed, r), run_round, cfg, str(out), by_name.get(name), seed, r, prev)
+                else:
+                    ready += _after(cfg, states, (name, seed, r), state)
+            if pool.busy:
+                for key, state in pool.wait():
+                    progress.finished(state)
+                    ready += _after(cfg, states, key, state)
+                    if progress.fresh == kill_after:
+                        log.warning("HNAL_KILL_AFTER_ROUNDS=%d: SIGKILL to this process group", kill_after)
+                        os.killpg(os.getpgrp(), signal.SIGKILL)
+    except BaseException:
+        pool.cancel()
+        raise
+    finally:
+        progress.close()
+    return states
 
-        storage = self.out / "_train"
-        shutil.rmtree(storage / name, ignore_errors=True)
-        cfg = dataclasses.replace(self.cfg.train, seed=seed)
-        res = fit(self.cfg.features, paired, self.splits.val, cfg, str(storage), name)
-        ckpt = d / "checkpoint"
-        shutil.rmtree(ckpt, ignore_errors=True)
-        shutil.copytree(res.checkpoint, ckpt)
-        shutil.rmtree(storage / name, ignore_errors=True)
-        return str(ckpt), res.best
 
-    def _dir(self, strategy: StrategyConfig | None, seed: int, r: int) -> Path:
-        return self.out / (strategy.name if strategy else "_seed-set") / f"seed-{seed}" / f"round-{r}"
+def _after(cfg: LoopConfig, states: dict, key: tuple, state: dict) -> list[tuple]:
+    """Record a finished round; the rounds it unblocks."""
+    states[key] = state
+    name, seed, r = key
+    if r >= cfg.rounds:
+        return []
+    if name is None:
+        return [(s.name, seed, 1, state) for s in cfg.strategies]
+    return [(name, seed, r + 1, state)]
 
-    def _stage(self, name: str, seed: int, r: int, stage: str) -> None:
-        log.info("%s seed %d round %d/%d: %s", name, seed, r, self.cfg.rounds, stage)
 
-    @staticmethod
-    def _row(strategy: StrategyConfig, seed: int, state: dict) -> dict:
-        return {"strategy": strategy.name, "side": strategy.side, "seed": seed, "round": state["round"],
-                "annotated": state["annotated"], "paired_texts": len(state["paired_text_ids"]),
-                "paired_images": state["paired_images"], **state["test"]}
+def metric_rows(cfg: LoopConfig, states: dict) -> list[dict]:
+    """One row per (strategy, seed, round), in config order, with a fixed column order: the numbers
+    of the run, which never depend on how or how fast it ran."""
+    rows = []
+    for strategy, seed, r, s in _each_round(cfg, states):
+        rows.append({"strategy": strategy.name, "side": strategy.side, "seed": seed, "round": r,
+                     "annotated": s["annotated"], "paired_texts": len(s["paired_text_ids"]),
+                     "paired_images": s["paired_images"], **{k: s["test"][k] for k in sorted(s["test"])}})
+    return rows
+
+
+def timing_rows(cfg: LoopConfig, states: dict) -> list[dict]:
+    """Wall seconds of each stage of each round (round 0 is listed under every strategy)."""
+    return [{"strategy": strategy.name, "seed": seed, "round": r,
+             **{k: float(s.get("timings", {}).get(k, 0.0)) for k in STAGES}, "round_s": float(s["seconds"])}
+            for strategy, seed, r, s in _each_round(cfg, states)]
+
+
+def _each_round(cfg: LoopConfig, states: dict):
+    for strategy in cfg.strategies:
+        for seed in cfg.seeds:
+            for r in range(cfg.rounds + 1):
+                yield strategy, seed, r, states[(strategy.name if r else None, seed, r)]
 
 
 def run_loop(cfg: LoopConfig, out: str | Path) -> Path:
     """`hnal loop`: every trajectory, then the report; re-running resumes from finished rounds."""
+    from hnal_ray.loop.report import write_report
+
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     saved = out / "config.json"
-    current = json.loads(json.dumps(dataclasses.asdict(cfg)))
+    current = json.loads(json.dumps(cfg.result_fields()))
     if saved.exists() and json.loads(saved.read_text()) != current:
-        from hnal_ray.config import ConfigError
-
         raise ConfigError(f"{out}: holds a run with a different config ({saved}); use another --out")
     write_json(current, saved)
-    from hnal_ray.loop.report import write_report
-
-    rows = Loop(cfg, out).run()
-    return write_report(cfg, out, rows)
+    t = time.perf_counter()
+    prepare(cfg)
+    prepare_s = time.perf_counter() - t
+    t = time.perf_counter()
+    states = run_rounds(cfg, out)
+    write_json({"prepare_s": prepare_s, "rounds_s": time.perf_counter() - t}, out / "wall_time.json")
+    return write_report(cfg, out, metric_rows(cfg, states), timing_rows(cfg, states))

@@ -29,6 +29,18 @@ def summarize(rows: list[dict]) -> list[dict]:
     return out
 
 
+STAGES = ("embed_s", "score_s", "select_s", "annotate_s", "train_s", "evaluate_s", "round_s")
+
+
+def stage_times(rows: list[dict]) -> list[dict]:
+    """Mean wall seconds per round of each stage: the seed-set rounds, then each strategy's rounds >= 1."""
+    groups = {"seed set (round 0)": [r for r in rows if r["round"] == 0 and r["strategy"] == rows[0]["strategy"]]}
+    for strategy in dict.fromkeys(r["strategy"] for r in rows):
+        groups[strategy] = [r for r in rows if r["strategy"] == strategy and r["round"] > 0]
+    return [{"rounds": name, "n": len(g), **{k: float(np.mean([r.get(k, 0.0) for r in g])) for k in STAGES}}
+            for name, g in groups.items() if g]
+
+
 def plot_curves(summary: list[dict], path: Path) -> Path:
     import matplotlib
 
@@ -81,9 +93,10 @@ def explain(state_dir: Path, strategy: StrategyConfig, captions: dict[int, str],
     return out
 
 
-def write_report(cfg: LoopConfig, out: Path, rows: list[dict]) -> Path:
-    """DIR/report.md and DIR/report.html (+ curves.png, metrics.parquet, thumbs/)."""
+def write_report(cfg: LoopConfig, out: Path, rows: list[dict], timings: list[dict]) -> Path:
+    """DIR/report.md and DIR/report.html (+ curves.png, metrics.parquet, timings.parquet, thumbs/)."""
     write_parquet(pa.Table.from_pylist(rows), out / "metrics.parquet")
+    write_parquet(pa.Table.from_pylist(timings), out / "timings.parquet")
     summary = summarize(rows)
     plot_curves(summary, out / "curves.png")
     table = ["| strategy | round | annotated | R@1-sum | rsum |", "|---|---|---|---|---|"]
@@ -91,9 +104,18 @@ def write_report(cfg: LoopConfig, out: Path, rows: list[dict]) -> Path:
               f" | {r['rsum']:.1f} ± {r['rsum_std']:.1f} |" for r in sorted(summary, key=lambda r: (r["round"],
                                                                                                   r["strategy"]))]
     why = _why_selected(cfg, out)
+    times = stage_times(timings)
+    head = "| rounds | n | " + " | ".join(k[:-2] for k in STAGES) + " |"
+    ttable = [head, "|---" * (len(STAGES) + 2) + "|"]
+    ttable += ["| " + " | ".join([t["rounds"], str(t["n"])] + [f"{t[k]:.1f}" for k in STAGES]) + " |" for t in times]
+    thtml = ("<h2>Wall time per round (seconds, mean)</h2><table><tr><th>rounds</th><th>n</th>"
+             + "".join(f"<th>{k[:-2]}</th>" for k in STAGES) + "</tr>"
+             + "".join(f"<tr><td>{html.escape(t['rounds'])}</td><td>{t['n']}</td>"
+                       + "".join(f"<td>{t[k]:.1f}</td>" for k in STAGES) + "</tr>" for t in times) + "</table>")
     md = ["# Active-learning report", "", f"Budget {cfg.budget} per round, {cfg.rounds} rounds, seed set "
           f"{cfg.seed_size} images, seeds {list(cfg.seeds)}; metrics on the test split.", "",
-          "![learning curves](curves.png)", "", "## Metrics per round (mean ± std over seeds)", "", *table, ""]
+          "![learning curves](curves.png)", "", "## Metrics per round (mean ± std over seeds)", "", *table, "",
+          "## Wall time per round (seconds, mean)", "", *ttable, ""]
     md += ["## Why selected", "", why["md"]] if why else []
     (out / "report.md").write_text("\n".join(md) + "\n")
     rows_html = "".join(f"<tr><td>{html.escape(r['strategy'])}</td><td>{r['round']}</td><td>{r['annotated']:.0f}</td>"
@@ -107,7 +129,7 @@ def write_report(cfg: LoopConfig, out: Path, rows: list[dict]) -> Path:
             f"{cfg.seed_size} images, seeds {list(cfg.seeds)}; metrics on the test split.</p>"
             f"<img src='curves.png' width='100%'><h2>Metrics per round (mean ± std over seeds)</h2><table>"
             f"<tr><th>strategy</th><th>round</th><th>annotated</th><th>R@1-sum</th><th>rsum</th></tr>{rows_html}"
-            f"</table>{why['html'] if why else ''}</body></html>")
+            f"</table>{thtml}{why['html'] if why else ''}</body></html>")
     (out / "report.html").write_text(page)
     return out / "report.html"
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from hnal_ray.config import ConfigError
 from hnal_ray.data.features import FeatureSet
 from hnal_ray.retrieval.loss import vse_loss
 from hnal_ray.retrieval.metrics import recall_at_k
@@ -23,12 +24,21 @@ class TrainConfig:
     weight_decay: float = 1e-4
     margin: float = 0.2
     warmup_epochs: int = 2         # sum-of-hinges epochs before max-of-hinges (VSE++ on small data)
-    num_workers: int = 2
+    num_workers: int | str = "auto"  # 0: Ray Train local mode (in the calling process); N: N DDP workers;
+                                     # auto: local mode unless the cluster has GPUs, then one worker per GPU
+    threads: int = 1               # torch threads per process (fixed, so numbers do not depend on the machine)
     use_gpu: bool | None = None    # None: when the cluster has GPUs
     seed: int = 0
     max_failures: int = 0
     checkpoint_every: int = 5      # epochs between checkpoints (and always the last epoch)
     model: ModelConfig = field(default_factory=ModelConfig)
+
+    def __post_init__(self):
+        ok = self.num_workers == "auto" or (isinstance(self.num_workers, int) and self.num_workers >= 0)
+        if not ok:
+            raise ConfigError(f"train.num_workers must be 'auto' or an integer >= 0, got {self.num_workers!r}")
+        if not isinstance(self.threads, int) or self.threads < 1:
+            raise ConfigError(f"train.threads must be an integer >= 1, got {self.threads!r}")
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":

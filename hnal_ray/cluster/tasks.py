@@ -1,0 +1,80 @@
+"""Run independent pieces of work as Ray tasks, a bounded number at once, results as they finish.
+
+The loop hands in plain functions (it sits above this package; this package never imports it).
+With `max_in_flight=0` the same functions run one by one in this process, which is what a
+debugger wants and gives the same numbers.
+"""
+from __future__ import annotations
+
+import collections
+import logging
+from typing import Any, Callable, Hashable
+
+import ray
+from ray.exceptions import RayTaskError
+
+from hnal_ray.config import ConfigError
+from hnal_ray.io import InputError
+
+log = logging.getLogger(__name__)
+
+
+def task_resources(threads: int) -> tuple[float, float, int]:
+    """(CPUs, GPUs) per task and how many fit on the cluster now: a GPU each where there are GPUs,
+    else `threads` CPUs each."""
+    res = ray.cluster_resources()
+    gpus, cpus = res.get("GPU", 0), res.get("CPU", 1)
+    if gpus >= 1:
+        return 1.0, 1.0, int(gpus)
+    return float(threads), 0.0, max(1, int(cpus // threads))
+
+
+class TaskPool:
+    """submit() queues work under a key; wait() launches up to `max_in_flight` and returns
+    [(key, result)] of the ones that finished. A task whose worker dies is retried by Ray; an
+    exception in a task is raised here (InputError/ConfigError as themselves)."""
+
+    def __init__(self, max_in_flight: int, num_cpus: float = 1.0, num_gpus: float = 0.0, max_retries: int = 2):
+        self.max_in_flight, self.num_cpus, self.num_gpus = max_in_flight, num_cpus, num_gpus
+        self.max_retries = max_retries
+        self.queue: collections.deque = collections.deque()
+        self.running: dict[ray.ObjectRef, Hashable] = {}
+        self._remote: dict[Callable, Any] = {}
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.queue or self.running)
+
+    def submit(self, key: Hashable, fn: Callable, *args) -> None:
+        self.queue.append((key, fn, args))
+
+    def wait(self) -> list[tuple[Hashable, Any]]:
+        if self.max_in_flight == 0:
+            key, fn, args = self.queue.popleft()
+            return [(key, fn(*args))]
+        while self.queue and len(self.running) < self.max_in_flight:
+            key, fn, args = self.queue.popleft()
+            self.running[self._as_remote(fn).remote(*args)] = key
+        done, _ = ray.wait(list(self.running), num_returns=1)
+        return [(self.running.pop(ref), _get(ref)) for ref in done]
+
+    def cancel(self) -> None:
+        for ref in self.running:
+            ray.cancel(ref, force=True)
+        self.running.clear()
+        self.queue.clear()
+
+    def _as_remote(self, fn: Callable):
+        if fn not in self._remote:
+            self._remote[fn] = ray.remote(fn).options(num_cpus=self.num_cpus, num_gpus=self.num_gpus,
+                                                      max_retries=self.max_retries)
+        return self._remote[fn]
+
+
+def _get(ref):
+    try:
+        return ray.get(ref)
+    except RayTaskError as exc:
+        if isinstance(exc.cause, (InputError, ConfigError)):
+            raise exc.cause from None
+        raise
