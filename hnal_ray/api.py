@@ -41,6 +41,7 @@ def select(paired_images: TableLike, paired_texts: TableLike, pool: TableLike, b
            strategy: str = "hard-negative", *, weight: str = "surplus", k: int = 1,
            threshold_batch: int | None = None, side: str = "image", seed: int = 0, shards: int = 0,
            address: str | None = None, device: str = "auto", block_pool: int = 4096, block_anchor: int = 1024,
+           clusters: int = 0, quota: str = "equal", within: str = "hardest", cluster_sample: int = 20000,
            out: str | os.PathLike | None = None) -> Selection:
     """Score `pool` against the paired set and select the top `budget` items (`hnal score`).
 
@@ -54,7 +55,8 @@ def select(paired_images: TableLike, paired_texts: TableLike, pool: TableLike, b
     """
     cfg = ScoreConfig(budget=budget, strategy=strategy, weight=weight, k=k, threshold_batch=threshold_batch,
                       side=side, seed=seed, shards=shards, address=address, device=device,
-                      block_pool=block_pool, block_anchor=block_anchor)
+                      block_pool=block_pool, block_anchor=block_anchor, clusters=clusters, quota=quota,
+                      within=within, cluster_sample=cluster_sample)
     scratch = Path(tempfile.mkdtemp(prefix="hnal-select-"))
     try:
         named = {}

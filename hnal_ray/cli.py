@@ -33,7 +33,7 @@ def add_score_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--paired-texts", required=True, help="Parquet file/dir: text_id, image_id, embedding")
     p.add_argument("--pool", required=True, help="Parquet file/dir: image_id (or text_id), embedding")
     p.add_argument("--budget", type=int, required=True, help="number of pool items to select")
-    p.add_argument("--strategy", default="hard-negative", choices=["hard-negative", "random", "coreset"])
+    p.add_argument("--strategy", default="hard-negative", choices=["hard-negative", "random", "coreset", "cluster"])
     p.add_argument("--weight", default="surplus", choices=["surplus", "counting"])
     p.add_argument("--k", type=int, default=1, help="threshold = k-th hardest negative (Top-k)")
     p.add_argument("--threshold-batch", type=_threshold_batch, default=None, metavar="{full,N}",
@@ -43,6 +43,12 @@ def add_score_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shards", type=int, default=0, help="0: in-process; N: N Ray actors")
     p.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS or an embedded Ray)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--clusters", type=int, default=0, help="cluster strategy: k-means clusters (0: the budget)")
+    p.add_argument("--quota", default="equal", choices=["equal", "proportional"],
+                   help="cluster strategy: picks per cluster")
+    p.add_argument("--within", default="hardest", choices=["hardest", "random"],
+                   help="cluster strategy: the hardest items of each cluster, or random ones (the control)")
+    p.add_argument("--cluster-sample", type=int, default=20000, help="cluster strategy: k-means sample size")
     p.add_argument("--block-pool", type=int, default=4096)
     p.add_argument("--block-anchor", type=int, default=1024)
     p.add_argument("--out", required=True, help="output directory")
@@ -53,7 +59,8 @@ def cmd_score(a: argparse.Namespace) -> int:
 
     res = select(a.paired_images, a.paired_texts, a.pool, a.budget, a.strategy, weight=a.weight, k=a.k,
                  threshold_batch=a.threshold_batch, side=a.side, seed=a.seed, shards=a.shards, address=a.address,
-                 device=a.device, block_pool=a.block_pool, block_anchor=a.block_anchor, out=a.out)
+                 device=a.device, block_pool=a.block_pool, block_anchor=a.block_anchor, clusters=a.clusters,
+                 quota=a.quota, within=a.within, cluster_sample=a.cluster_sample, out=a.out)
     print(json.dumps({"out": a.out, "selected": res.summary["counts"]["selected"],
                       "pairs_per_second": round(res.summary["pairs_per_second"])}))
     return 0

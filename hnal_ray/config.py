@@ -4,7 +4,9 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-STRATEGIES = ("hard-negative", "random", "coreset")
+STRATEGIES = ("hard-negative", "random", "coreset", "cluster")
+QUOTAS = ("equal", "proportional")
+WITHIN = ("hardest", "random")
 SIDES = ("image", "text")
 
 
@@ -37,6 +39,10 @@ class ScoreConfig:
     device: str = "auto"
     block_pool: int = 4096
     block_anchor: int = 1024
+    clusters: int = 0              # cluster strategy: k-means clusters of the pool (0 = one per budget item)
+    quota: str = "equal"           # cluster strategy: picks per cluster, equal or proportional to its size
+    within: str = "hardest"        # cluster strategy: the hardest items of a cluster, or random ones (control)
+    cluster_sample: int = 20000    # cluster strategy: pool items the k-means is fitted on (seeded sample)
 
     def __post_init__(self):
         checks = [
@@ -49,10 +55,19 @@ class ScoreConfig:
              f"--threshold-batch must be 'full' or an integer >= 2, got {self.threshold_batch}"),
             (self.shards >= 0, f"--shards must be >= 0, got {self.shards}"),
             (self.block_pool >= 1 and self.block_anchor >= 1, "block sizes must be >= 1"),
+            (self.clusters >= 0, f"--clusters must be >= 0, got {self.clusters}"),
+            (self.quota in QUOTAS, f"--quota must be one of {QUOTAS}, got {self.quota!r}"),
+            (self.within in WITHIN, f"--within must be one of {WITHIN}, got {self.within!r}"),
+            (self.cluster_sample >= 1, f"--cluster-sample must be >= 1, got {self.cluster_sample}"),
         ]
         for ok, msg in checks:
             if not ok:
                 raise ConfigError(msg)
+
+    @property
+    def uses_thresholds(self) -> bool:
+        """Whether the selection needs the per-anchor thresholds (the hard-negative scores)."""
+        return self.strategy == "hard-negative" or (self.strategy == "cluster" and self.within == "hardest")
 
     def result_fields(self) -> dict:
         """The fields that decide the result (not where or how it is computed)."""

@@ -55,6 +55,13 @@ def test_shards_equal_single_process(tmp_path, inputs, side, variant):
         assert all(s["pairs_per_second"] > 0 for s in summary["shards"])
 
 
+@pytest.mark.parametrize("within", ["hardest", "random"])
+def test_cluster_strategy_on_ray_actors_equals_single_process(tmp_path, inputs, within):
+    flags = ["--strategy", "cluster", "--within", within, "--clusters", 5, "--cluster-sample", 40]
+    single = run(inputs["image"], tmp_path / "single", *flags)
+    same_outputs(single, run(inputs["image"], tmp_path / "two", *flags, "--shards", 2))
+
+
 def test_continuous_embeddings_bit_identical(tmp_path):
     p = make_example(tmp_path / "ex", n_images=300, n_pool=3000, n_pool_texts=10, dim=48)
     paths = {"paired_images": p["paired_images"], "paired_texts": p["paired_texts"], "pool": p["pool_images"]}

@@ -22,10 +22,14 @@ class StrategyConfig:
     k: int = 1
     threshold_batch: int | None = None
     side: str = "image"
+    clusters: int = 0              # cluster strategy (see `hnal score --strategy cluster`)
+    quota: str = "equal"
+    within: str = "hardest"
 
     def score_config(self, budget: int, seed: int, shards: int) -> ScoreConfig:
         return ScoreConfig(budget=budget, strategy=self.strategy, weight=self.weight, k=self.k,
-                           threshold_batch=self.threshold_batch, side=self.side, seed=seed, shards=shards)
+                           threshold_batch=self.threshold_batch, side=self.side, seed=seed, shards=shards,
+                           clusters=self.clusters, quota=self.quota, within=self.within)
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from hnal_ray.score.baselines import coreset_select
+from hnal_ray.score.baselines import coreset_select, random_keys
+from hnal_ray.score.clusters import kmeans, quota_select
 from hnal_ray.config import ScoreConfig, ScoreInputs
 from hnal_ray.device import pick_device
 from hnal_ray.io import read_embeddings, write_json, write_parquet
@@ -90,7 +91,9 @@ def run_score(inputs: ScoreInputs, cfg: ScoreConfig, out_dir: str | os.PathLike,
         work = _work_dir(out, key)
         manifest = json.loads((work / "manifest.json").read_text())
         thresholds = _thresholds(plan, cfg, backend, work, timings)
-        task = ScoreTask(cfg.strategy, cfg.weight, cfg.budget, cfg.seed, cfg.block_pool, cfg.block_anchor)
+        centres = _centres(plan, cfg, work, timings) if cfg.strategy == "cluster" else None
+        task = ScoreTask(cfg.strategy, cfg.weight, cfg.budget, cfg.seed, cfg.block_pool, cfg.block_anchor,
+                         centres=centres, within=cfg.within)
         todo = [s.index for s in specs if not _shard_done(work, manifest, s.index)]
         fail = os.environ.get("HNAL_FAIL_SHARD")  # test switch: that shard's worker dies once, mid-shard
         tasks = [dataclasses.replace(task, fail_marker=str(work / f"failed-once-{i}")) if str(i) == fail else task
@@ -104,14 +107,38 @@ def run_score(inputs: ScoreInputs, cfg: ScoreConfig, out_dir: str | os.PathLike,
         backend_info = backend.info()
     finally:
         backend.close()
-    tops = [_read_top(work, i, plan.tables.pool_id) for i in range(n_shards)]
-    selection = merge_top(tops, cfg.budget)
+    tops = [_read_top(work, i) for i in range(n_shards)]
+    if cfg.strategy == "cluster":
+        sizes = np.sum([manifest["shards"][str(i)]["cluster_counts"] for i in range(n_shards)], axis=0)
+        cand = Ranked(*(np.concatenate([getattr(t, f) for t, _ in tops]) for f in ("ids", "scores", "max_margin")))
+        selection = quota_select(cand, np.concatenate([c for _, c in tops]), sizes, cfg.budget, cfg.quota)
+    else:
+        selection = merge_top([t for t, _ in tops], cfg.budget)
     return _finish(out, work, selection, plan, cfg, inputs, key, t0, timings, manifest, backend_info)
+
+
+def _centres(plan: Plan, cfg: ScoreConfig, work: Path, timings: dict) -> np.ndarray:
+    """Seeded k-means centres of a seeded sample of the pool (the items with the smallest random
+    keys, so the sample does not depend on file order), cached in the work dir."""
+    cache = work / "centres.npy"
+    if cache.exists():
+        return np.load(cache)
+    t = time.perf_counter()
+    pool = read_embeddings(plan.tables.pool_path, plan.tables.pool_id, dim=plan.dim)
+    rows = np.lexsort((pool.ids, random_keys(pool.ids, cfg.seed)))[: cfg.cluster_sample]
+    rows = rows[np.argsort(pool.ids[rows])]
+    centres = kmeans(pool.emb[rows], cfg.clusters or cfg.budget, cfg.seed)
+    tmp = work / ".centres.tmp.npy"
+    np.save(tmp, centres)
+    os.replace(tmp, cache)
+    timings["kmeans_s"] = time.perf_counter() - t
+    log.info("k-means: %d centres from %d pool items in %.2fs", len(centres), len(rows), timings["kmeans_s"])
+    return centres
 
 
 def _thresholds(plan: Plan, cfg: ScoreConfig, backend, work: Path, timings: dict) -> np.ndarray | None:
     """Per-anchor thresholds, cached in the work dir so a resumed run does not redo them."""
-    if cfg.strategy != "hard-negative":
+    if not cfg.uses_thresholds:
         return None
     cache = work / "thresholds.npy"
     if cache.exists():
@@ -168,11 +195,15 @@ def _work_dir(out: Path, key: str) -> Path:
 
 
 def _record(work: Path, manifest: dict, res: ShardResult) -> None:
-    write_parquet(pa.table({"id": res.top.ids, "score": res.top.scores, "max_margin": res.top.max_margin}),
-                  work / "top" / f"part-{res.index:05d}.parquet")
+    cols = {"id": res.top.ids, "score": res.top.scores, "max_margin": res.top.max_margin}
+    if res.top_cluster is not None:
+        cols["cluster"] = res.top_cluster.astype(np.int64)
+    write_parquet(pa.table(cols), work / "top" / f"part-{res.index:05d}.parquet")
     manifest["shards"][str(res.index)] = {"rows": res.rows, "pairs": res.pairs, "seconds": res.seconds,
                                           "node": res.node, "pid": res.pid,
                                           "pairs_per_second": res.pairs / max(res.seconds, 1e-9)}
+    if res.cluster_counts is not None:
+        manifest["shards"][str(res.index)]["cluster_counts"] = res.cluster_counts.tolist()
     write_json(manifest, work / "manifest.json")
 
 
@@ -182,9 +213,10 @@ def _shard_done(work: Path, manifest: dict, i: int) -> bool:
             and (work / "top" / f"part-{i:05d}.parquet").exists())
 
 
-def _read_top(work: Path, i: int, id_column: str) -> Ranked:
+def _read_top(work: Path, i: int) -> tuple[Ranked, np.ndarray | None]:
     t = pq.read_table(work / "top" / f"part-{i:05d}.parquet")
-    return Ranked(t["id"].to_numpy(), t["score"].to_numpy(), t["max_margin"].to_numpy())
+    cluster = t["cluster"].to_numpy() if "cluster" in t.column_names else None
+    return Ranked(t["id"].to_numpy(), t["score"].to_numpy(), t["max_margin"].to_numpy()), cluster
 
 
 def _finished_summary(out: Path, key: str) -> dict | None:

@@ -55,7 +55,7 @@ def check_inputs(inputs: ScoreInputs, cfg: ScoreConfig) -> Plan:
     if len(image_ids) == 0:
         raise InputError(f"{inputs.paired_images}: the paired image table has no rows")
     n_texts = sum(len(i) for _, i in text_parts)
-    if n_texts == 0 and cfg.strategy == "hard-negative":
+    if n_texts == 0 and cfg.uses_thresholds:
         raise InputError(f"{inputs.paired_texts}: the paired text table has no rows")
     known = np.sort(image_ids)
     for f, owners in read_ids(inputs.paired_texts, "image_id"):

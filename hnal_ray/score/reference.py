@@ -43,3 +43,25 @@ def dense_select(ids: np.ndarray, scores: np.ndarray, max_margin: np.ndarray, bu
     """Selected ids by sorting Python tuples: the SPEC's ordering written out once more."""
     keyed = sorted(zip(ids.tolist(), scores.tolist(), max_margin.tolist()), key=lambda r: (-r[1], -r[2], r[0]))
     return np.array([r[0] for r in keyed[:budget]], dtype=np.int64)
+
+
+def dense_assign(emb: np.ndarray, centres: np.ndarray) -> np.ndarray:
+    """Nearest centre of each row by squared L2 in float64 from the full (n, k) matrix, first index on ties."""
+    d = ((emb.astype(np.float64)[:, None, :] - centres[None, :, :]) ** 2).sum(-1)
+    return d.argmin(axis=1)
+
+
+def dense_quota_select(ids: np.ndarray, scores: np.ndarray, max_margin: np.ndarray, cluster: np.ndarray,
+                       n_clusters: int, budget: int, quota: str) -> np.ndarray:
+    """The cluster-quota rule written out with Python sorts: rank items within their cluster by the
+    SPEC's order, key = (rank + 1) / weight (1, or the cluster's size), then the `budget` smallest keys."""
+    sizes = np.bincount(cluster, minlength=n_clusters)
+    rows = []
+    for c in range(n_clusters):
+        members = [(int(i), float(s), -np.inf if np.isnan(m) else float(m))
+                   for i, s, m, cc in zip(ids, scores, max_margin, cluster) if cc == c]
+        members.sort(key=lambda r: (-r[1], -r[2], r[0]))
+        weight = 1.0 if quota == "equal" else float(max(sizes[c], 1))
+        rows += [((rank + 1) / weight, -s, -m, i) for rank, (i, s, m) in enumerate(members)]
+    rows.sort()
+    return np.array([r[3] for r in rows[:budget]], dtype=np.int64)

@@ -15,6 +15,7 @@ import numpy as np
 import pyarrow as pa
 
 from hnal_ray.score.baselines import random_keys
+from hnal_ray.score.clusters import assign, per_cluster_top
 from hnal_ray.device import pick_device, set_threads
 from hnal_ray.io import EmbeddingTable, read_embeddings, write_parquet
 from hnal_ray.score.scoring import score_pool
@@ -57,6 +58,8 @@ class ScoreTask:
     block_pool: int
     block_anchor: int
     fail_marker: str | None = None  # test switch: die once, mid-shard, if this file is absent
+    centres: np.ndarray | None = None  # cluster strategy: (k, d) float64 k-means centres
+    within: str = "hardest"
 
 
 @dataclass(frozen=True)
@@ -68,6 +71,8 @@ class ShardResult:
     seconds: float
     node: str
     pid: int
+    top_cluster: np.ndarray | None = None     # cluster strategy: the cluster of each candidate in `top`
+    cluster_counts: np.ndarray | None = None  # cluster strategy: (k,) this shard's pool items per cluster
 
 
 class ShardWorker:
@@ -96,7 +101,7 @@ class ShardWorker:
         """Score this shard, write every item's score to `part_path`, return the local top-B."""
         t0 = time.perf_counter()
         ids = self.pool.ids
-        if task.strategy == "random":
+        if task.strategy == "random" or (task.strategy == "cluster" and task.within == "random"):
             scores, margin, pairs = random_keys(ids, task.seed), np.full(len(ids), np.nan, np.float32), 0
         else:
             res = score_pool(self.pool.emb, anchors.emb, thresholds, task.weight, self.device,
@@ -106,17 +111,25 @@ class ShardWorker:
             Path(task.fail_marker).touch()
             log.error("injected failure in shard %d", self.spec.index)
             os._exit(17)
-        write_parquet(score_table(self.spec.pool_id_column, ids, scores, margin), part_path)
+        cluster = assign(self.pool.emb, task.centres) if task.strategy == "cluster" else None
+        write_parquet(score_table(self.spec.pool_id_column, ids, scores, margin, cluster), part_path)
         seconds = time.perf_counter() - t0
         log.info("shard %d: %d items x %d anchors in %.2fs (%.3g pairs/s)", self.spec.index, len(ids),
                  0 if anchors is None else len(anchors.ids), seconds, pairs / max(seconds, 1e-9))
+        if cluster is not None:
+            top, top_cluster = per_cluster_top(ids, scores, margin, cluster, task.budget)
+            return ShardResult(self.spec.index, top, len(ids), pairs, seconds, socket.gethostname(), os.getpid(),
+                               top_cluster, np.bincount(cluster, minlength=len(task.centres)))
         return ShardResult(self.spec.index, select_top(ids, scores, margin, task.budget), len(ids), pairs,
                            seconds, socket.gethostname(), os.getpid())
 
 
-def score_table(id_column: str, ids: np.ndarray, scores: np.ndarray, max_margin: np.ndarray) -> pa.Table:
-    """Per-item scores, sorted by id: the `scores.parquet` contract."""
+def score_table(id_column: str, ids: np.ndarray, scores: np.ndarray, max_margin: np.ndarray,
+                cluster: np.ndarray | None = None) -> pa.Table:
+    """Per-item scores, sorted by id: the `scores.parquet` contract (+ `cluster` for the cluster strategy)."""
     order = np.argsort(ids, kind="stable")
-    return pa.table({id_column: pa.array(ids[order], pa.int64()),
-                     "score": pa.array(scores[order], pa.float64()),
-                     "max_margin": pa.array(max_margin[order].astype(np.float64), pa.float64())})
+    cols = {id_column: pa.array(ids[order], pa.int64()), "score": pa.array(scores[order], pa.float64()),
+            "max_margin": pa.array(max_margin[order].astype(np.float64), pa.float64())}
+    if cluster is not None:
+        cols["cluster"] = pa.array(cluster[order], pa.int32())
+    return pa.table(cols)

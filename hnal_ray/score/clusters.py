@@ -1,0 +1,98 @@
+"""Cluster quotas for diverse selection: seeded k-means fitted once on a sample of the pool, exact
+assignment of every item, and the one merge step that spreads the budget over the clusters.
+
+Picks are ordered round-robin over clusters: an item's key is its rank within its cluster divided
+by the cluster's weight (1 for `equal` quotas, the cluster's pool size for `proportional`), ties
+broken by score, max_margin and id as in `select_top`. The top B keys are the selection: with B
+clusters and equal quotas that is the best item of every cluster; a cluster with too few items
+leaves its share to the others. Everything is computed per row in float64, so the selection does
+not depend on how the pool is sharded.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from hnal_ray.score.selection import Ranked
+
+QUOTAS = ("equal", "proportional")
+
+
+def kmeans(x: np.ndarray, k: int, seed: int, iters: int = 25) -> np.ndarray:
+    """(k, d) float64 centres of the (n, d) rows `x` (given in a fixed order): seeded k-means++
+    initialisation, then Lloyd iterations; an empty cluster keeps its centre."""
+    x = np.asarray(x, np.float64)
+    k = min(k, len(x))
+    rng = np.random.default_rng(seed)
+    centres = np.empty((k, x.shape[1]))
+    centres[0] = x[rng.integers(len(x))]
+    d2 = ((x - centres[0]) ** 2).sum(1)
+    for i in range(1, k):
+        p = d2 / d2.sum() if d2.sum() > 0 else np.full(len(x), 1 / len(x))
+        centres[i] = x[rng.choice(len(x), p=p)]
+        d2 = np.minimum(d2, ((x - centres[i]) ** 2).sum(1))
+    for _ in range(iters):
+        label = assign(x, centres)
+        sums = np.zeros_like(centres)
+        np.add.at(sums, label, x)
+        counts = np.bincount(label, minlength=k)
+        moved = np.where(counts[:, None] > 0, sums / np.maximum(counts, 1)[:, None], centres)
+        if np.array_equal(moved, centres):
+            break
+        centres = moved
+    return centres
+
+
+def assign(emb: np.ndarray, centres: np.ndarray, block: int = 512) -> np.ndarray:
+    """(n,) int64 nearest centre (squared L2, float64, first index among ties) of each row.
+
+    Each distance is an elementwise product summed along d, never a GEMM, so a row's label is
+    the same whatever other rows it is computed with (blocks, shards)."""
+    emb = np.asarray(emb, np.float64)
+    c2 = (centres ** 2).sum(1)
+    out = np.empty(len(emb), np.int64)
+    for i in range(0, len(emb), block):
+        e = emb[i:i + block]
+        dots = (e[:, None, :] * centres[None, :, :]).sum(-1)
+        out[i:i + block] = np.argmin(c2[None, :] - 2 * dots, axis=1)
+    return out
+
+
+def per_cluster_top(ids: np.ndarray, scores: np.ndarray, max_margin: np.ndarray, cluster: np.ndarray,
+                    budget: int) -> tuple[Ranked, np.ndarray]:
+    """A shard's candidates: the `budget` best items of every cluster (enough for any quota), in
+    select_top order within each cluster; returns (candidates, their clusters)."""
+    order = _cluster_order(ids, scores, max_margin, cluster)
+    rank = _rank_within(cluster[order])
+    keep = order[rank < budget]
+    return Ranked(ids[keep].astype(np.int64), scores[keep].astype(np.float64),
+                  max_margin[keep].astype(np.float32)), cluster[keep]
+
+
+def quota_select(cand: Ranked, cluster: np.ndarray, sizes: np.ndarray, budget: int, quota: str) -> Ranked:
+    """The global selection from all shards' candidates; `sizes`: (k,) pool items per cluster."""
+    if quota not in QUOTAS:
+        raise ValueError(f"quota must be one of {QUOTAS}, got {quota!r}")
+    ids, scores, mm = cand.ids, cand.scores, cand.max_margin
+    order = _cluster_order(ids, scores, mm, cluster)
+    rank = np.empty(len(ids), np.int64)
+    rank[order] = _rank_within(cluster[order])
+    weight = np.ones(len(sizes)) if quota == "equal" else np.maximum(sizes, 1).astype(np.float64)
+    key = (rank + 1) / weight[cluster]
+    mmf = np.where(np.isnan(mm), -np.inf, mm)
+    pick = np.lexsort((ids, -mmf, -scores, key))[:budget]
+    return Ranked(ids[pick], scores[pick], mm[pick])
+
+
+def _cluster_order(ids, scores, max_margin, cluster) -> np.ndarray:
+    mm = np.where(np.isnan(max_margin), -np.inf, max_margin)
+    return np.lexsort((ids, -mm, -scores, cluster))
+
+
+def _rank_within(sorted_cluster: np.ndarray) -> np.ndarray:
+    """0-based position of each row within its run of equal cluster labels (input sorted by cluster)."""
+    n = len(sorted_cluster)
+    if n == 0:
+        return np.zeros(0, np.int64)
+    starts = np.r_[0, np.flatnonzero(np.diff(sorted_cluster)) + 1]
+    run_start = np.repeat(starts, np.diff(np.r_[starts, n]))
+    return np.arange(n) - run_start
