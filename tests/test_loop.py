@@ -49,13 +49,22 @@ def test_smoke_run_writes_the_report(smoke):
     assert round0[0]["rsum"] == round0[1]["rsum"]   # one shared seed-set model per seed
     html = (out / "report.html").read_text()
     assert "curves.png" in html and "Why selected" in html and "Wall time per round" in html
-    assert html.count("<tr>") == 1 + 6 + 1 + 3    # metrics: header + 6 rows; times: header + 3 groups
+    # metrics: header + 6 rows; vs random and diagnostics: header + 2 rows each; times: header + 3 groups
+    assert html.count("<tr>") == 7 + 3 + 3 + 4
+    assert "Difference to random (paired by seed)" in html and "Selection diagnostics" in html
     thumbs = list((out / "thumbs").glob("*.png"))
     assert thumbs and all(f"thumbs/{t.name}" in html for t in thumbs)
     state = json.loads((out / "surplus-top1" / "seed-0" / "round-2" / "state.json").read_text())
     assert len(state["selected"]) == 20 and not set(state["selected"]) & set(
         json.loads((out / "surplus-top1" / "seed-0" / "round-1" / "state.json").read_text())["selected"])
-    assert set(state["timings"]) == {"embed_s", "score_s", "select_s", "annotate_s", "train_s", "evaluate_s"}
+    assert set(state["timings"]) == {"embed_s", "score_s", "select_s", "diagnostics_s", "annotate_s", "train_s",
+                                     "evaluate_s"}
+    diag = state["diagnostics"]
+    assert diag["selected"] == 20 and sum(diag["cluster_hist"]) == 20 and 1 <= diag["clusters_hit"] <= 20
+    split = pq.read_table(root / "data" / "split.parquet").to_pydict()
+    round1 = json.loads((out / "surplus-top1" / "seed-0" / "round-1" / "state.json").read_text())
+    assert sum(diag["pool_cluster_hist"]) == split["split"].count("train") - round1["paired_images"]
+    assert diag["anchors_beaten_per_item"] >= 0 and 0 <= diag["near_duplicates"] <= 1
     times = pq.read_table(out / "timings.parquet").to_pylist()
     assert len(times) == 6 and all(t["train_s"] > 0 and t["round_s"] >= t["train_s"] for t in times)
     assert "[5/5 rounds]" in run.stderr and "up to 3 at once" in run.stderr

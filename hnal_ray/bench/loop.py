@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 
 from hnal_ray.bench.score import machine
 
-STAGES = ("embed_s", "score_s", "select_s", "annotate_s", "train_s", "evaluate_s")
+STAGES = ("embed_s", "score_s", "select_s", "diagnostics_s", "annotate_s", "train_s", "evaluate_s")
 
 
 def run_loop_bench(config: str, overrides: list[str], out: str | None, address: str | None) -> dict:

@@ -49,6 +49,8 @@ def train_func(config: dict) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None and local_dir and (Path(local_dir) / "meta.json").exists():
         checkpoint = ray.train.Checkpoint.from_directory(local_dir)
+    if checkpoint is None and config.get("init_checkpoint"):  # fine-tune: start from these weights
+        inner.load_state_dict(torch.load(Path(config["init_checkpoint"]) / "best.pt", map_location=device))
     if checkpoint:
         with checkpoint.as_directory() as d:
             state = torch.load(Path(d) / "last.pt", map_location=device)
@@ -119,9 +121,10 @@ def resolve_workers(cfg: TrainConfig) -> int:
 
 
 def fit(features_dir: str, train_text_ids, val_image_ids, cfg: TrainConfig, storage_path: str, name: str,
-        fail_at_epoch: int | None = None) -> FitResult:
+        fail_at_epoch: int | None = None, init_checkpoint: str | None = None) -> FitResult:
     """Train on the pairs (text, its image) of `train_text_ids`, validate on the images
-    `val_image_ids` with all their texts; a rerun with the same (storage_path, name) resumes."""
+    `val_image_ids` with all their texts; a rerun with the same (storage_path, name) resumes.
+    `init_checkpoint`: start from that checkpoint's best weights (fine-tuning) instead of at random."""
     workers = resolve_workers(cfg)
     if workers == 0:
         use_gpu = cfg.use_gpu if cfg.use_gpu is not None else torch.cuda.is_available()
@@ -130,6 +133,8 @@ def fit(features_dir: str, train_text_ids, val_image_ids, cfg: TrainConfig, stor
     config = {"train": dataclasses.asdict(cfg), "features": str(Path(features_dir).resolve()), "use_gpu": use_gpu,
               "train_text_ids": [int(i) for i in train_text_ids], "val_image_ids": [int(i) for i in val_image_ids]}
     run_dir = Path(storage_path).resolve() / name
+    if init_checkpoint:
+        config["init_checkpoint"] = str(Path(init_checkpoint).resolve())
     if workers == 0:
         config["local_checkpoint_dir"] = str(run_dir / "checkpoint")
     if fail_at_epoch is not None:

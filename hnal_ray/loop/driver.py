@@ -31,11 +31,13 @@ from hnal_ray.data.splits import split_ids
 from hnal_ray.io import embedding_array, write_json, write_parquet
 from hnal_ray.loop.annotate import OracleAnnotator
 from hnal_ray.loop.config import LoopConfig, StrategyConfig
+from hnal_ray.loop.diagnostics import selection_diagnostics
 from hnal_ray.retrieval.embed import embed_features, write_embeddings
 from hnal_ray.retrieval.training import evaluate, load_best
 
 log = logging.getLogger(__name__)
-STAGES = ("embed_s", "score_s", "select_s", "annotate_s", "train_s", "evaluate_s")
+STAGES = ("embed_s", "score_s", "select_s", "diagnostics_s", "annotate_s", "train_s", "evaluate_s")
+DIAGNOSTIC_CLUSTERS = 20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,12 +49,15 @@ class Splits:
 
 @dataclasses.dataclass(frozen=True)
 class Context:
-    """What every round reads: the frozen features, the splits, the test set and the annotator."""
+    """What every round reads: the frozen features, the splits, the test set and the annotator,
+    and for the diagnostics each image's frozen-feature cluster and data-set group (or None)."""
 
     feats: FeatureSet
     splits: Splits
     test: FeatureSet
     annotator: OracleAnnotator
+    image_cluster: np.ndarray
+    image_group: np.ndarray | None
 
 
 def prepare(cfg: LoopConfig) -> None:
@@ -76,7 +81,25 @@ def load_context(features: str, data: str) -> Context:
     """Loaded once per process (Ray reuses a task's worker process for the next round)."""
     feats = load_features(features)
     splits = Splits(*(split_ids(data, s) for s in ("train", "val", "test")))
-    return Context(feats, splits, feats.subset(splits.test), OracleAnnotator(feats.text_ids, feats.text_owner))
+    images = pq.read_schema(Path(data) / "images.parquet")
+    group = None
+    if "group" in images.names:
+        t = pq.read_table(Path(data) / "images.parquet", columns=["image_id", "group"])
+        by_id = dict(zip(t["image_id"].to_pylist(), t["group"].to_pylist()))
+        group = np.array([str(by_id.get(int(i), "")) for i in feats.image_ids])
+    return Context(feats, splits, feats.subset(splits.test), OracleAnnotator(feats.text_ids, feats.text_owner),
+                   frozen_clusters(feats.image_feat, DIAGNOSTIC_CLUSTERS), group)
+
+
+def frozen_clusters(feat: np.ndarray, k: int, seed: int = 0) -> np.ndarray:
+    """(n,) k-means cluster of each frozen feature row (FAISS, seeded, one thread): diagnostics only."""
+    import faiss
+
+    faiss.omp_set_num_threads(1)
+    x = np.ascontiguousarray(feat, np.float32)
+    km = faiss.Kmeans(x.shape[1], min(k, len(x)), niter=20, seed=seed, verbose=False)
+    km.train(x)
+    return km.index.search(x, 1)[1][:, 0].astype(np.int64)
 
 
 def round_dir(out: Path, strategy: str | None, seed: int, r: int) -> Path:
@@ -103,14 +126,18 @@ def run_round(cfg: LoopConfig, out: str, strategy: StrategyConfig | None, seed: 
     if prev is None:
         rng = np.random.default_rng(seed)
         images = np.sort(rng.choice(ctx.splits.train, cfg.seed_size, replace=False))
-        paired, selected = ctx.feats.texts_of(images), np.zeros(0, np.int64)
+        paired, selected, diagnostics = ctx.feats.texts_of(images), np.zeros(0, np.int64), None
     else:
-        selected = _select(cfg, ctx, strategy, seed, r, prev, d, timings)
+        selected, emb = _select(cfg, ctx, strategy, seed, r, prev, d, timings)
+        t = time.perf_counter()
+        diagnostics = _diagnostics(ctx, strategy, selected, prev, emb, seed * 1000 + r)
+        timings["diagnostics_s"] = time.perf_counter() - t
         t = time.perf_counter()
         paired = np.union1d(prev["paired_text_ids"], ctx.annotator.annotate(strategy.side, selected))
         timings["annotate_s"] = time.perf_counter() - t
     t = time.perf_counter()
-    checkpoint, val_best = _train(cfg, ctx, paired, seed, d, Path(out), f"{name}-s{seed}-r{r}")
+    init = prev["checkpoint"] if prev is not None and cfg.train.init == "previous" else None
+    checkpoint, val_best = _train(cfg, ctx, paired, seed, d, Path(out), f"{name}-s{seed}-r{r}", init)
     timings["train_s"] = time.perf_counter() - t
     t = time.perf_counter()
     model, _ = load_best(checkpoint)
@@ -120,13 +147,39 @@ def run_round(cfg: LoopConfig, out: str, strategy: StrategyConfig | None, seed: 
              "paired_images": int(len(np.unique(ctx.feats.pairs(paired).image_ids))),
              "selected": selected.tolist(), "annotated": (prev["annotated"] if prev else 0) + len(selected),
              "checkpoint": checkpoint, "val_best": val_best, "test": metrics, "timings": timings,
+             "diagnostics": diagnostics,
              "seconds": time.perf_counter() - t0}
     write_json(state, d / "state.json")  # atomic: the round counts as done only now
     return state
 
 
+def _diagnostics(ctx: Context, strategy: StrategyConfig, selected: np.ndarray, prev: dict,
+                 emb: tuple[np.ndarray, np.ndarray], seed: int) -> dict:
+    """selection_diagnostics for this round's picks, with the previous round's model embeddings."""
+    feats, (img, txt) = ctx.feats, emb
+    paired = np.asarray(prev["paired_text_ids"], np.int64)
+    prow = np.flatnonzero(np.isin(feats.text_ids, paired))                 # paired texts
+    irow = np.flatnonzero(np.isin(feats.image_ids, feats.text_owner[prow]))  # paired images
+    owner_row = np.searchsorted(feats.image_ids, feats.text_owner)
+    if strategy.side == "image":
+        urow = np.flatnonzero(np.isin(feats.image_ids, ctx.splits.train) & ~np.isin(np.arange(len(img)), irow))
+        return selection_diagnostics(
+            selected=selected, pool_ids=feats.image_ids[urow], pool_emb=img[urow], anchor_emb=txt[prow],
+            anchor_group=feats.text_owner[prow], key_emb=img[irow], key_group=feats.image_ids[irow],
+            pool_frozen=feats.image_feat[urow], paired_frozen=feats.image_feat[irow],
+            pool_cluster=ctx.image_cluster[urow], n_clusters=DIAGNOSTIC_CLUSTERS,
+            pool_group=None if ctx.image_group is None else ctx.image_group[urow], seed=seed)
+    urow = np.flatnonzero(np.isin(feats.text_owner, ctx.splits.train) & ~np.isin(feats.text_ids, paired))
+    return selection_diagnostics(
+        selected=selected, pool_ids=feats.text_ids[urow], pool_emb=txt[urow], anchor_emb=img[irow],
+        anchor_group=feats.image_ids[irow], key_emb=txt[prow], key_group=feats.text_owner[prow],
+        pool_frozen=feats.text_feat[urow], paired_frozen=feats.text_feat[prow],
+        pool_cluster=ctx.image_cluster[owner_row[urow]], n_clusters=DIAGNOSTIC_CLUSTERS,
+        pool_group=None if ctx.image_group is None else ctx.image_group[owner_row[urow]], seed=seed)
+
+
 def _select(cfg: LoopConfig, ctx: Context, strategy: StrategyConfig, seed: int, r: int, prev: dict, d: Path,
-            timings: dict) -> np.ndarray:
+            timings: dict) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray]]:
     """Embed paired set and pool with the previous round's model, then `hnal score` on them."""
     t = time.perf_counter()
     feats, paired = ctx.feats, np.asarray(prev["paired_text_ids"], np.int64)
@@ -161,7 +214,7 @@ def _select(cfg: LoopConfig, ctx: Context, strategy: StrategyConfig, seed: int, 
     total = time.perf_counter() - t
     scored = summary["timings"].get("thresholds_s", 0.0) + summary["timings"].get("score_s", 0.0)
     timings["score_s"], timings["select_s"] = scored, max(total - scored, 0.0)
-    return sel.column(0).to_numpy().astype(np.int64)
+    return sel.column(0).to_numpy().astype(np.int64), (img, txt)
 
 
 def _write_texts(feats: FeatureSet, txt: np.ndarray, text_ids: np.ndarray, path: Path,
@@ -175,14 +228,17 @@ def _write_texts(feats: FeatureSet, txt: np.ndarray, text_ids: np.ndarray, path:
 
 
 def _train(cfg: LoopConfig, ctx: Context, paired: np.ndarray, seed: int, d: Path, out: Path,
-           name: str) -> tuple[str, dict]:
-    """A Ray Train fit from scratch (a half-finished fit of an interrupted run is discarded, so
-    resumed runs give the same numbers); the best checkpoint is copied into the round."""
+           name: str, init: str | None) -> tuple[str, dict]:
+    """A Ray Train fit from scratch, or from `init`'s weights (a half-finished fit of an interrupted
+    run is discarded, so resumed runs give the same numbers); the best checkpoint is copied into the round."""
     from hnal_ray.cluster.train import fit
 
     storage = out / "_train"
     shutil.rmtree(storage / name, ignore_errors=True)
-    res = fit(cfg.features, paired, ctx.splits.val, dataclasses.replace(cfg.train, seed=seed), str(storage), name)
+    train = dataclasses.replace(cfg.train, seed=seed)
+    if init and cfg.train.finetune_lr:
+        train = dataclasses.replace(train, lr=cfg.train.finetune_lr)
+    res = fit(cfg.features, paired, ctx.splits.val, train, str(storage), name, init_checkpoint=init)
     ckpt = d / "checkpoint"
     shutil.rmtree(ckpt, ignore_errors=True)
     shutil.copytree(res.checkpoint, ckpt)
@@ -314,4 +370,5 @@ def run_loop(cfg: LoopConfig, out: str | Path) -> Path:
     t = time.perf_counter()
     states = run_rounds(cfg, out)
     write_json({"prepare_s": prepare_s, "rounds_s": time.perf_counter() - t}, out / "wall_time.json")
-    return write_report(cfg, out, metric_rows(cfg, states), timing_rows(cfg, states))
+    return write_report(cfg, out, metric_rows(cfg, states), timing_rows(cfg, states),
+                        [states[k] for k in sorted(states, key=str) if k[2] > 0])

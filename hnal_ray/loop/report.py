@@ -14,6 +14,46 @@ from hnal_ray.loop.config import LoopConfig, StrategyConfig
 from hnal_ray.score.thresholds import kth, minibatch_thresholds, negative_topk
 
 
+# two-sided 95% quantiles of Student's t for 1..30 degrees of freedom (then the normal's 1.96)
+T95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
+       2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
+       2.045, 2.042)
+
+
+def paired_differences(rows: list[dict], baseline: str = "random", metric: str = "r1_sum") -> list[dict]:
+    """Per (strategy, round >= 1): the mean over seeds of (strategy - baseline) and its paired 95%
+    confidence interval (t over the seeds both ran; every strategy of a seed starts from the same
+    seed set, so the pairing removes the seed set's luck)."""
+    base = {(r["seed"], r["round"]): r[metric] for r in rows if r["strategy"] == baseline}
+    out = []
+    for strategy in dict.fromkeys(r["strategy"] for r in rows):
+        if strategy == baseline:
+            continue
+        for rnd in sorted({r["round"] for r in rows if r["strategy"] == strategy and r["round"] > 0}):
+            d = np.array([r[metric] - base[(r["seed"], rnd)] for r in rows if r["strategy"] == strategy
+                          and r["round"] == rnd and (r["seed"], rnd) in base])
+            if len(d) == 0:
+                continue
+            half = (T95[len(d) - 2] if len(d) - 1 <= len(T95) else 1.96) * d.std(ddof=1) / np.sqrt(len(d)) \
+                if len(d) > 1 else float("nan")
+            out.append({"strategy": strategy, "round": rnd, "seeds": len(d), "diff": float(d.mean()),
+                        "ci_low": float(d.mean() - half), "ci_high": float(d.mean() + half)})
+    return out
+
+
+def diagnostics_summary(states: list[dict]) -> list[dict]:
+    """Mean of each scalar selection diagnostic per strategy over seeds and rounds >= 1."""
+    keys = ("redundancy", "redundancy_random", "anchors_beaten_per_item", "anchors_covered", "clusters_hit",
+            "clusters_hit_random", "cluster_max_share", "near_duplicates", "groups_hit", "groups_hit_random")
+    out = []
+    for strategy in dict.fromkeys(s["strategy"] for s in states):
+        diags = [s["diagnostics"] for s in states if s["strategy"] == strategy and s.get("diagnostics")]
+        if diags:
+            out.append({"strategy": strategy, "rounds": len(diags),
+                        **{k: float(np.mean([d[k] for d in diags])) for k in keys if all(k in d for d in diags)}})
+    return out
+
+
 def summarize(rows: list[dict]) -> list[dict]:
     """Mean and standard deviation over seeds per (strategy, round)."""
     out = []
@@ -29,7 +69,7 @@ def summarize(rows: list[dict]) -> list[dict]:
     return out
 
 
-STAGES = ("embed_s", "score_s", "select_s", "annotate_s", "train_s", "evaluate_s", "round_s")
+STAGES = ("embed_s", "score_s", "select_s", "diagnostics_s", "annotate_s", "train_s", "evaluate_s", "round_s")
 
 
 def stage_times(rows: list[dict]) -> list[dict]:
@@ -93,7 +133,8 @@ def explain(state_dir: Path, strategy: StrategyConfig, captions: dict[int, str],
     return out
 
 
-def write_report(cfg: LoopConfig, out: Path, rows: list[dict], timings: list[dict]) -> Path:
+def write_report(cfg: LoopConfig, out: Path, rows: list[dict], timings: list[dict],
+                 states: list[dict] = ()) -> Path:
     """DIR/report.md and DIR/report.html (+ curves.png, metrics.parquet, timings.parquet, thumbs/)."""
     write_parquet(pa.Table.from_pylist(rows), out / "metrics.parquet")
     write_parquet(pa.Table.from_pylist(timings), out / "timings.parquet")
@@ -104,6 +145,29 @@ def write_report(cfg: LoopConfig, out: Path, rows: list[dict], timings: list[dic
               f" | {r['rsum']:.1f} ± {r['rsum_std']:.1f} |" for r in sorted(summary, key=lambda r: (r["round"],
                                                                                                   r["strategy"]))]
     why = _why_selected(cfg, out)
+    diffs = paired_differences(rows) if any(r["strategy"] == "random" for r in rows) else []
+    dtable = ["| strategy | round | seeds | R@1-sum minus random | paired 95% CI |", "|---|---|---|---|---|"]
+    dtable += [f"| {d['strategy']} | {d['round']} | {d['seeds']} | {d['diff']:+.1f} | [{d['ci_low']:+.1f}, "
+               f"{d['ci_high']:+.1f}] |" for d in sorted(diffs, key=lambda d: (d["round"], d["strategy"]))]
+    diag = diagnostics_summary(list(states))
+    dkeys = [k for k in ("redundancy", "redundancy_random", "anchors_beaten_per_item", "anchors_covered",
+                         "clusters_hit", "clusters_hit_random", "cluster_max_share", "near_duplicates", "groups_hit",
+                         "groups_hit_random") if diag and all(k in d for d in diag)]
+    gtable = ["| strategy | " + " | ".join(dkeys) + " |", "|---" * (len(dkeys) + 1) + "|"]
+    gtable += ["| " + " | ".join([d["strategy"]] + [f"{d[k]:.3g}" for k in dkeys]) + " |" for d in diag]
+    extra_md = (["## Difference to random (paired by seed)", "", *dtable, ""] if diffs else []) + (
+        ["## Selection diagnostics (mean over seeds and rounds)", "",
+         "redundancy: mean pairwise cosine of the picks (model embeddings), vs a random batch of the same size; "
+         "anchors beaten: paired texts (images) each pick beats under Top-1 thresholds; covered: beaten by any "
+         "pick; clusters: k-means clusters of the frozen features hit (of 20), vs a random batch; near duplicates: "
+         "share of picks with frozen cosine >= 0.95 to a paired item; groups: data-set groups hit.", "",
+         *gtable, ""] if diag else [])
+    extra_html = "".join(
+        f"<h2>{html.escape(title)}</h2><table>" + "".join(
+            "<tr>" + "".join(f"<td>{html.escape(c.strip())}</td>" for c in line.strip("|").split("|")) + "</tr>"
+            for line in tab if not line.startswith("|---")) + "</table>"
+        for title, tab in (("Difference to random (paired by seed)", dtable if diffs else []),
+                           ("Selection diagnostics (mean over seeds and rounds)", gtable if diag else [])) if tab)
     times = stage_times(timings)
     head = "| rounds | n | " + " | ".join(k[:-2] for k in STAGES) + " |"
     ttable = [head, "|---" * (len(STAGES) + 2) + "|"]
@@ -115,7 +179,7 @@ def write_report(cfg: LoopConfig, out: Path, rows: list[dict], timings: list[dic
     md = ["# Active-learning report", "", f"Budget {cfg.budget} per round, {cfg.rounds} rounds, seed set "
           f"{cfg.seed_size} images, seeds {list(cfg.seeds)}; metrics on the test split.", "",
           "![learning curves](curves.png)", "", "## Metrics per round (mean ± std over seeds)", "", *table, "",
-          "## Wall time per round (seconds, mean)", "", *ttable, ""]
+          *extra_md, "## Wall time per round (seconds, mean)", "", *ttable, ""]
     md += ["## Why selected", "", why["md"]] if why else []
     (out / "report.md").write_text("\n".join(md) + "\n")
     rows_html = "".join(f"<tr><td>{html.escape(r['strategy'])}</td><td>{r['round']}</td><td>{r['annotated']:.0f}</td>"
@@ -129,7 +193,7 @@ def write_report(cfg: LoopConfig, out: Path, rows: list[dict], timings: list[dic
             f"{cfg.seed_size} images, seeds {list(cfg.seeds)}; metrics on the test split.</p>"
             f"<img src='curves.png' width='100%'><h2>Metrics per round (mean ± std over seeds)</h2><table>"
             f"<tr><th>strategy</th><th>round</th><th>annotated</th><th>R@1-sum</th><th>rsum</th></tr>{rows_html}"
-            f"</table>{thtml}{why['html'] if why else ''}</body></html>")
+            f"</table>{extra_html}{thtml}{why['html'] if why else ''}</body></html>")
     (out / "report.html").write_text(page)
     return out / "report.html"
 

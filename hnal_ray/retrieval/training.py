@@ -31,12 +31,17 @@ class TrainConfig:
     seed: int = 0
     max_failures: int = 0
     checkpoint_every: int = 5      # epochs between checkpoints (and always the last epoch)
+    init: str = "scratch"          # loop rounds >= 1: "scratch", or "previous" (fine-tune the last round's
+                                   # best weights with a fresh optimiser)
+    finetune_lr: float | None = None  # lr when fine-tuning (None: lr)
     model: ModelConfig = field(default_factory=ModelConfig)
 
     def __post_init__(self):
         ok = self.num_workers == "auto" or (isinstance(self.num_workers, int) and self.num_workers >= 0)
         if not ok:
             raise ConfigError(f"train.num_workers must be 'auto' or an integer >= 0, got {self.num_workers!r}")
+        if self.init not in ("scratch", "previous"):
+            raise ConfigError(f"train.init must be 'scratch' or 'previous', got {self.init!r}")
         if not isinstance(self.threads, int) or self.threads < 1:
             raise ConfigError(f"train.threads must be an integer >= 1, got {self.threads!r}")
 
