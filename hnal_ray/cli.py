@@ -46,8 +46,9 @@ def add_score_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--clusters", type=int, default=0, help="cluster strategy: k-means clusters (0: the budget)")
     p.add_argument("--quota", default="equal", choices=["equal", "proportional"],
                    help="cluster strategy: picks per cluster")
-    p.add_argument("--within", default="hardest", choices=["hardest", "random"],
-                   help="cluster strategy: the hardest items of each cluster, or random ones (the control)")
+    p.add_argument("--within", default="hardest", choices=["hardest", "random", "central"],
+                   help="cluster strategy: the hardest items of each cluster, random ones (the control), or the "
+                        "most central (typical) ones")
     p.add_argument("--cluster-sample", type=int, default=20000, help="cluster strategy: k-means sample size")
     p.add_argument("--block-pool", type=int, default=4096)
     p.add_argument("--block-anchor", type=int, default=1024)

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 STRATEGIES = ("hard-negative", "random", "coreset", "cluster")
 QUOTAS = ("equal", "proportional")
-WITHIN = ("hardest", "random")
+WITHIN = ("hardest", "random", "central")
 SIDES = ("image", "text")
 
 
@@ -41,7 +41,8 @@ class ScoreConfig:
     block_anchor: int = 1024
     clusters: int = 0              # cluster strategy: k-means clusters of the pool (0 = one per budget item)
     quota: str = "equal"           # cluster strategy: picks per cluster, equal or proportional to its size
-    within: str = "hardest"        # cluster strategy: the hardest items of a cluster, or random ones (control)
+    within: str = "hardest"        # cluster strategy: the hardest items of a cluster, random ones (the
+                                   # control), or the most central (typical) ones
     cluster_sample: int = 20000    # cluster strategy: pool items the k-means is fitted on (seeded sample)
 
     def __post_init__(self):

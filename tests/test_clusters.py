@@ -50,7 +50,7 @@ def job(paths, out, shards, **kw):
 
 
 @pytest.mark.parametrize("within,quota,side", [("hardest", "equal", "image"), ("random", "equal", "image"),
-                                               ("hardest", "proportional", "text")])
+                                               ("hardest", "proportional", "text"), ("central", "equal", "image")])
 def test_cluster_job_equals_dense_for_any_shard_count(tmp_path, within, quota, side):
     paths, raw = write_inputs(tmp_path / "in", np.random.default_rng(7), n_pool=80, side=side)
     kw = dict(within=within, quota=quota, clusters=6, cluster_sample=50, seed=4, side=side)
@@ -64,6 +64,9 @@ def test_cluster_job_equals_dense_for_any_shard_count(tmp_path, within, quota, s
     cluster = dense_assign(pool.astype(np.float32), centres)
     if within == "random":
         scores, margin = random_keys(pool_ids, 4), np.full(len(pool_ids), np.nan)
+    elif within == "central":
+        scores = -((pool.astype(np.float32).astype(np.float64) - centres[cluster]) ** 2).sum(1)
+        margin = np.full(len(pool_ids), np.nan)
     else:
         img, txt = _unit(raw["image_emb"]), _unit(raw["text_emb"])
         th = dense_thresholds(txt, raw["owner"], img, raw["image_ids"], 1, side)

@@ -57,6 +57,13 @@ def assign(emb: np.ndarray, centres: np.ndarray, block: int = 512) -> np.ndarray
     return out
 
 
+def centrality(emb: np.ndarray, centres: np.ndarray, cluster: np.ndarray) -> np.ndarray:
+    """(n,) float64 minus the squared L2 distance of each row to its own centre: the most central
+    (typical) items of a cluster score highest. Per row, elementwise, like `assign`."""
+    diff = np.asarray(emb, np.float64) - centres[cluster]
+    return -(diff * diff).sum(1)
+
+
 def per_cluster_top(ids: np.ndarray, scores: np.ndarray, max_margin: np.ndarray, cluster: np.ndarray,
                     budget: int) -> tuple[Ranked, np.ndarray]:
     """A shard's candidates: the `budget` best items of every cluster (enough for any quota), in

@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow as pa
 
 from hnal_ray.score.baselines import random_keys
-from hnal_ray.score.clusters import assign, per_cluster_top
+from hnal_ray.score.clusters import assign, centrality, per_cluster_top
 from hnal_ray.device import pick_device, set_threads
 from hnal_ray.io import EmbeddingTable, read_embeddings, write_parquet
 from hnal_ray.score.scoring import score_pool
@@ -101,7 +101,7 @@ class ShardWorker:
         """Score this shard, write every item's score to `part_path`, return the local top-B."""
         t0 = time.perf_counter()
         ids = self.pool.ids
-        if task.strategy == "random" or (task.strategy == "cluster" and task.within == "random"):
+        if task.strategy == "random" or (task.strategy == "cluster" and task.within != "hardest"):
             scores, margin, pairs = random_keys(ids, task.seed), np.full(len(ids), np.nan, np.float32), 0
         else:
             res = score_pool(self.pool.emb, anchors.emb, thresholds, task.weight, self.device,
@@ -112,6 +112,8 @@ class ShardWorker:
             log.error("injected failure in shard %d", self.spec.index)
             os._exit(17)
         cluster = assign(self.pool.emb, task.centres) if task.strategy == "cluster" else None
+        if cluster is not None and task.within == "central":
+            scores = centrality(self.pool.emb, task.centres, cluster)
         write_parquet(score_table(self.spec.pool_id_column, ids, scores, margin, cluster), part_path)
         seconds = time.perf_counter() - t0
         log.info("shard %d: %d items x %d anchors in %.2fs (%.3g pairs/s)", self.spec.index, len(ids),
