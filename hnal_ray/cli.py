@@ -78,7 +78,7 @@ def cmd_data_example(a: argparse.Namespace) -> int:
 def cmd_data_emoji(a: argparse.Namespace) -> int:
     from hnal_ray.data.emoji import build_emoji_dataset
 
-    print(json.dumps(build_emoji_dataset(a.out, seed=a.seed)))
+    print(json.dumps(build_emoji_dataset(a.out, seed=a.seed, split=a.split)))
     return 0
 
 
@@ -148,6 +148,8 @@ def _add_model_commands(sub) -> None:
     em = sub.add_parser("emoji", help="the emoji image-text set from registry packages")
     em.add_argument("--out", required=True)
     em.add_argument("--seed", type=int, default=0)
+    em.add_argument("--split", default="group", choices=["group", "iid"],
+                    help="group: every skin tone of an emoji in one split (default); iid: images split independently")
     em.set_defaults(func=cmd_data_emoji)
 
 

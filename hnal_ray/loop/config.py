@@ -46,6 +46,7 @@ class LoopConfig:
     concurrency: int | str = "auto"  # rounds run at once as Ray tasks; 0 = all in the driver; auto = one
                                      # per GPU, or per `train.threads` CPUs on a CPU cluster
     data_subset: int | None = None  # build the data set from this many images only (smoke runs)
+    data_split: str = "group"       # emoji build: "group" (unseen families at test time) or "iid"
 
     def __post_init__(self):
         if not self.strategies:
@@ -57,6 +58,8 @@ class LoopConfig:
             s.score_config(self.budget, 0, self.shards)  # validates each strategy's options
         if self.seed_size < 2 or self.rounds < 0:
             raise ConfigError("seed_size must be >= 2 and rounds >= 0")
+        if self.data_split not in ("group", "iid"):
+            raise ConfigError(f"data_split must be 'group' or 'iid', got {self.data_split!r}")
         if not (self.concurrency == "auto" or (isinstance(self.concurrency, int) and self.concurrency >= 0)):
             raise ConfigError(f"concurrency must be 'auto' or an integer >= 0, got {self.concurrency!r}")
 

@@ -69,10 +69,10 @@ def prepare(cfg: LoopConfig) -> None:
     if not (data / "split.parquet").exists():
         if cfg.data_subset:
             full = data.with_name(data.name + "-full")
-            build_emoji_dataset(full)
+            build_emoji_dataset(full, split=cfg.data_split)
             subsample_dataset(full, data, cfg.data_subset)
         else:
-            build_emoji_dataset(data)
+            build_emoji_dataset(data, split=cfg.data_split)
     extract_features(cfg.data, cfg.features)
 
 
