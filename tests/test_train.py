@@ -91,3 +91,27 @@ def test_train_config_rejects_bad_worker_counts():
     for bad in (-1, "two", 1.5):
         with pytest.raises(ConfigError, match="train.num_workers"):
             TrainConfig(num_workers=bad)
+
+
+def test_weight_average_of_the_last_epochs_is_the_model_kept(tmp_path):
+    """model_choice=average: best.pt is the uniform average of the last epochs' weights, with its
+    own validation metrics (checked against an average computed here from per-epoch fits)."""
+    from hnal_ray.cluster.train import fit
+
+    ids = synthetic_features(tmp_path, seed=2)
+    model_cfg = ModelConfig(image_dim=32, text_dim=16, embed_dim=16, hidden=0)
+    base = dict(batch_size=32, lr=3e-3, warmup_epochs=1, num_workers=0, checkpoint_every=1, model=model_cfg)
+    texts, val_ids = load_features(tmp_path).texts_of(ids[:240]), ids[240:]
+    avg = fit(str(tmp_path), texts, val_ids, TrainConfig(epochs=4, model_choice="average", average_epochs=2, **base),
+              str(tmp_path / "runs"), "avg")
+    assert avg.best["avg_count"] == 2 and avg.best["epoch"] == 3
+    weights = []
+    for epochs in (3, 4):  # the same seeded run stopped after epoch 2 and after epoch 3: their last weights
+        r = fit(str(tmp_path), texts, val_ids, TrainConfig(epochs=epochs, **base), str(tmp_path / "runs"), f"e{epochs}")
+        with open(f"{r.checkpoint}/last.pt", "rb") as f:
+            weights.append(torch.load(f)["model"])
+    got = torch.load(f"{avg.checkpoint}/best.pt")
+    for k in got:
+        torch.testing.assert_close(got[k], (weights[0][k] + weights[1][k]) / 2)
+    val = load_features(tmp_path).subset(val_ids)
+    assert evaluate(load_best(avg.checkpoint)[0], val, torch.device("cpu"))["rsum"] == pytest.approx(avg.best["rsum"])

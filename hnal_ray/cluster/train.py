@@ -63,7 +63,10 @@ def train_func(config: dict) -> None:
         batches = epoch_batches(len(train.text_ids), cfg.batch_size, cfg.seed, epoch, rank, world)
         loss = train_epoch(model, opt, train, owner_row, batches, cfg, epoch, device)
         metrics = evaluate(inner, val, device) | {"epoch": epoch, "loss": loss, "resumed_at": start}
-        if metrics["rsum"] > best["rsum"]:
+        if cfg.model_choice == "average":
+            if epoch >= cfg.epochs - cfg.average_epochs:
+                best, best_state = average_in(inner, val, device, cfg, best, best_state, epoch)
+        elif metrics["rsum"] > best["rsum"]:
             best, best_state = dict(metrics), copy.deepcopy({k: v.cpu() for k, v in inner.state_dict().items()})
         _maybe_fail(config, epoch, rank, world)
         due = (epoch + 1) % cfg.checkpoint_every == 0 or epoch == cfg.epochs - 1
@@ -77,6 +80,17 @@ def train_func(config: dict) -> None:
                 save_checkpoint(Path(tmp), inner, opt, epoch, best, best_state)
                 ckpt = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(metrics | {"best_rsum": best["rsum"]}, checkpoint=ckpt)
+
+
+def average_in(model: DualEncoder, val, device, cfg: TrainConfig, best: dict, avg: dict | None, epoch: int):
+    """Fold this epoch's weights into the running uniform average of the last epochs; the average
+    (not any single epoch) is the model kept, with its own validation metrics."""
+    n = int(best.get("avg_count", 0))
+    cur = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    avg = cur if n == 0 or avg is None else {k: avg[k] * (n / (n + 1)) + cur[k] / (n + 1) for k in cur}
+    averaged = DualEncoder(cfg.model).to(device)
+    averaged.load_state_dict(avg)
+    return evaluate(averaged, val, device) | {"epoch": epoch, "avg_count": n + 1}, avg
 
 
 def _save_local(d: Path, model, opt, epoch: int, best: dict, best_state: dict) -> ray.train.Checkpoint:

@@ -34,12 +34,17 @@ class TrainConfig:
     init: str = "scratch"          # loop rounds >= 1: "scratch", or "previous" (fine-tune the last round's
                                    # best weights with a fresh optimiser)
     finetune_lr: float | None = None  # lr when fine-tuning (None: lr)
+    model_choice: str = "best"     # "best": the epoch with the best validation rsum; "average": the
+    average_epochs: int = 10       # uniform weight average of the last `average_epochs` epochs
     model: ModelConfig = field(default_factory=ModelConfig)
 
     def __post_init__(self):
         ok = self.num_workers == "auto" or (isinstance(self.num_workers, int) and self.num_workers >= 0)
         if not ok:
             raise ConfigError(f"train.num_workers must be 'auto' or an integer >= 0, got {self.num_workers!r}")
+        if self.model_choice not in ("best", "average") or self.average_epochs < 1:
+            raise ConfigError(f"train.model_choice must be 'best' or 'average' (average_epochs >= 1), got "
+                              f"{self.model_choice!r}, {self.average_epochs}")
         if self.init not in ("scratch", "previous"):
             raise ConfigError(f"train.init must be 'scratch' or 'previous', got {self.init!r}")
         if not isinstance(self.threads, int) or self.threads < 1:
