@@ -42,21 +42,23 @@ def select(paired_images: TableLike, paired_texts: TableLike, pool: TableLike, b
            threshold_batch: int | None = None, side: str = "image", seed: int = 0, shards: int = 0,
            address: str | None = None, device: str = "auto", block_pool: int = 4096, block_anchor: int = 1024,
            clusters: int = 0, quota: str = "equal", within: str = "hardest", cluster_sample: int = 20000,
-           out: str | os.PathLike | None = None) -> Selection:
+           wait: bool = False, out: str | os.PathLike | None = None) -> Selection:
     """Score `pool` against the paired set and select the top `budget` items (`hnal score`).
 
     Each input is a Parquet path (file or directory), a pyarrow Table, or a mapping of column name
     to array in the input contract, e.g. `{"image_id": ids, "embedding": emb}` with `emb` an
     (n, d) array (see README, `hnal score`). `shards=0` runs in this process; `shards=N` runs N Ray
     actors (on `address`, RAY_ADDRESS, or an embedded Ray). With `out` the outputs are kept there
-    (and a finished run with the same inputs is skipped); without it they are returned only.
+    (a finished run with the same inputs, by content, is skipped before Ray starts; one run at a
+    time writes an `out`, `wait` waits for another instead of refusing); without it they are
+    returned only.
     Bad input raises `InputError` (naming the file, or the argument for in-memory inputs) and bad
     options `ConfigError`, as the command line reports them.
     """
     cfg = ScoreConfig(budget=budget, strategy=strategy, weight=weight, k=k, threshold_batch=threshold_batch,
                       side=side, seed=seed, shards=shards, address=address, device=device,
                       block_pool=block_pool, block_anchor=block_anchor, clusters=clusters, quota=quota,
-                      within=within, cluster_sample=cluster_sample)
+                      within=within, cluster_sample=cluster_sample, wait=wait)
     scratch = Path(tempfile.mkdtemp(prefix="hnal-select-"))
     try:
         named = {}
@@ -77,6 +79,11 @@ def select(paired_images: TableLike, paired_texts: TableLike, pool: TableLike, b
 
 
 def _run_score(inputs: ScoreInputs, cfg: ScoreConfig, out: Path) -> dict:
+    from hnal_ray.score.job import finished_summary
+
+    done = finished_summary(inputs, cfg, out)  # before Ray starts: a finished re-run costs no cluster
+    if done is not None:
+        return done
     if cfg.shards > 0:
         from hnal_ray.cluster.score import run_score_on_ray
 

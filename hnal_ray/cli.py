@@ -53,6 +53,7 @@ def add_score_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--block-pool", type=int, default=4096)
     p.add_argument("--block-anchor", type=int, default=1024)
     p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--wait", action="store_true", help="wait for another run writing the same --out")
 
 
 def cmd_score(a: argparse.Namespace) -> int:
@@ -61,7 +62,8 @@ def cmd_score(a: argparse.Namespace) -> int:
     res = select(a.paired_images, a.paired_texts, a.pool, a.budget, a.strategy, weight=a.weight, k=a.k,
                  threshold_batch=a.threshold_batch, side=a.side, seed=a.seed, shards=a.shards, address=a.address,
                  device=a.device, block_pool=a.block_pool, block_anchor=a.block_anchor, clusters=a.clusters,
-                 quota=a.quota, within=a.within, cluster_sample=a.cluster_sample, out=a.out)
+                 quota=a.quota, within=a.within, cluster_sample=a.cluster_sample, wait=a.wait,
+                 out=a.out)
     print(json.dumps({"out": a.out, "selected": res.summary["counts"]["selected"],
                       "pairs_per_second": round(res.summary["pairs_per_second"])}))
     return 0
@@ -224,6 +226,9 @@ def main(argv: list[str] | None = None) -> int:
     except (InputError, ConfigError) as exc:
         print(f"hnal {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # the embedded Ray was shut down on the way out
+        print(f"hnal {args.command}: interrupted; re-run the same command to resume", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

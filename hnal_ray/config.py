@@ -44,6 +44,7 @@ class ScoreConfig:
     within: str = "hardest"        # cluster strategy: the hardest items of a cluster, random ones (the
                                    # control), or the most central (typical) ones
     cluster_sample: int = 20000    # cluster strategy: pool items the k-means is fitted on (seeded sample)
+    wait: bool = False             # wait for another run writing the same --out instead of refusing
 
     def __post_init__(self):
         checks = [
@@ -73,6 +74,6 @@ class ScoreConfig:
     def result_fields(self) -> dict:
         """The fields that decide the result (not where or how it is computed)."""
         d = dataclasses.asdict(self)
-        for f in ("shards", "address", "device", "block_pool", "block_anchor"):
+        for f in ("shards", "address", "device", "block_pool", "block_anchor", "wait"):
             d.pop(f)
         return d

@@ -55,7 +55,7 @@ def parquet_files(path: str | os.PathLike) -> list[Path]:
 
 def _open(f: Path) -> pq.ParquetFile:
     try:
-        return pq.ParquetFile(f)
+            return pq.ParquetFile(f)
     except Exception as exc:  # pyarrow raises several types for a corrupt file
         raise InputError(f"{f}: not a readable Parquet file ({exc})") from None
 
@@ -78,7 +78,13 @@ def _int_column(f: Path, table: pa.Table, name: str, row0: int) -> np.ndarray:
     if col.null_count:
         bad = int(np.flatnonzero(col.is_null().to_numpy(zero_copy_only=False))[0])
         raise InputError(f"{f}: column '{name}' row {row0 + bad} is null")
-    return col.to_numpy().astype(np.int64, copy=False)
+    values = col.to_numpy()
+    if values.dtype.kind == "u" and values.dtype.itemsize == 8:  # uint64: only while it fits int64
+        over = np.flatnonzero(values > np.iinfo(np.int64).max)
+        if len(over):
+            r = int(over[0])
+            raise InputError(f"{f}: column '{name}' row {row0 + r}: id {int(values[r])} does not fit int64")
+    return values.astype(np.int64, copy=False)
 
 
 def _embedding_column(f: Path, table: pa.Table, row0: int, dim: int | None) -> np.ndarray:
@@ -131,7 +137,7 @@ def read_embeddings(path: str | os.PathLike, id_column: str, owner_column: str |
             continue
         pf = _open(f)
         _require(f, pf.schema_arrow, columns)
-        table = _read_range(pf, columns, lo, hi)
+        table = _read_range(f, pf, columns, lo, hi)
         ids.append(_int_column(f, table, id_column, lo))
         if owner_column:
             owners.append(_int_column(f, table, owner_column, lo))
@@ -147,7 +153,7 @@ def read_embeddings(path: str | os.PathLike, id_column: str, owner_column: str |
                           np.concatenate(owners) if owner_column else None)
 
 
-def _read_range(pf: pq.ParquetFile, columns: list[str], lo: int, hi: int) -> pa.Table:
+def _read_range(pf_path: Path, pf: pq.ParquetFile, columns: list[str], lo: int, hi: int) -> pa.Table:
     """Rows [lo, hi) of one file, reading only the row groups that overlap them."""
     groups, first, pos = [], None, 0
     for g in range(pf.metadata.num_row_groups):
@@ -158,8 +164,22 @@ def _read_range(pf: pq.ParquetFile, columns: list[str], lo: int, hi: int) -> pa.
         pos += m
     if not groups:
         return pf.schema_arrow.empty_table().select(columns)
-    table = pf.read_row_groups(groups, columns=columns)
+    table = read_groups(Path(pf_path), pf, groups, columns)
     return table.slice(lo - first, hi - lo)
+
+
+def read_groups(f: Path, pf: pq.ParquetFile, groups: list[int] | None, columns: list[str]) -> pa.Table:
+    """Row groups of one file (None: all); a corrupt page, failed decompression or truncated group
+    becomes one InputError naming the file and the row group."""
+    groups = list(range(pf.metadata.num_row_groups)) if groups is None else groups
+    parts = []
+    for g in groups:
+        try:
+            parts.append(pf.read_row_group(g, columns=columns))
+        except (OSError, pa.ArrowException, ValueError) as exc:
+            raise InputError(f"{f}: row group {g} of {pf.metadata.num_row_groups} cannot be read "
+                             f"({str(exc).splitlines()[0]})") from None
+    return pa.concat_tables(parts) if parts else pf.schema_arrow.empty_table().select(columns)
 
 
 def read_ids(path: str | os.PathLike, id_column: str) -> list[tuple[Path, np.ndarray]]:
@@ -168,7 +188,7 @@ def read_ids(path: str | os.PathLike, id_column: str) -> list[tuple[Path, np.nda
     for f, _ in row_counts(path):
         pf = _open(f)
         _require(f, pf.schema_arrow, [id_column])
-        out.append((f, _int_column(f, pf.read(columns=[id_column]), id_column, 0)))
+        out.append((f, _int_column(f, read_groups(f, pf, None, [id_column]), id_column, 0)))
     return out
 
 

@@ -62,6 +62,25 @@ def test_cluster_strategy_on_ray_actors_equals_single_process(tmp_path, inputs, 
     same_outputs(single, run(inputs["image"], tmp_path / "two", *flags, "--shards", 2))
 
 
+def test_corrupt_embedding_page_read_in_an_actor_is_exit_2(tmp_path, capsys):
+    """Ids are fine (the driver's checks pass); the last row group's embedding page is corrupt, so the
+    actor that loads it fails: one line naming the file and row group, nothing in --out."""
+    paths, _ = write_inputs(tmp_path / "in", np.random.default_rng(12), n_pool=60)
+    b = bytearray(paths["pool"].read_bytes())
+    footer = int.from_bytes(b[-8:-4], "little")
+    end = len(b) - footer - 8
+    for i in range(end - 120, end - 20):
+        b[i] ^= 0x5A
+    paths["pool"].write_bytes(bytes(b))
+    capsys.readouterr()
+    args = ["score", "--paired-images", str(paths["paired_images"]), "--paired-texts", str(paths["paired_texts"]),
+            "--pool", str(paths["pool"]), "--budget", "7", "--shards", "2", "--out", str(tmp_path / "out")]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{paths['pool']}: row group" in err[0] and "cannot be read" in err[0]
+    assert not (tmp_path / "out").exists()
+
+
 def test_continuous_embeddings_bit_identical(tmp_path):
     p = make_example(tmp_path / "ex", n_images=300, n_pool=3000, n_pool_texts=10, dim=48)
     paths = {"paired_images": p["paired_images"], "paired_texts": p["paired_texts"], "pool": p["pool_images"]}

@@ -86,15 +86,70 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
 
 
 def load_loop_config(path: str | Path, overrides: list[str] = ()) -> LoopConfig:
-    """Parse a run YAML (+ overrides); relative data/features paths are relative to the cwd."""
-    raw = apply_overrides(yaml.safe_load(Path(path).read_text()) or {}, list(overrides))
+    """Parse a run YAML (+ overrides); relative data/features paths are relative to the cwd.
+    Every error names the key and the expected type."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such config file")
     try:
-        strategies = tuple(StrategyConfig(**s) for s in raw.pop("strategies", []))
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of keys to values at the top level")
+    raw = apply_overrides(raw, list(overrides))
+    try:
+        strategies = raw.pop("strategies", [])
+        if not isinstance(strategies, list) or not all(isinstance(x, dict) for x in strategies):
+            raise ConfigError("strategies must be a list of mappings, e.g. [{name: random, strategy: random}]")
+        strategies = tuple(StrategyConfig(**check_types(StrategyConfig, s, f"strategies[{i}].", {}))
+                           for i, s in enumerate(strategies))
         train = raw.pop("train", {}) or {}
-        model = ModelConfig(**train.pop("model", {}))
-        cfg = LoopConfig(**raw, strategies=strategies, train=TrainConfig(**train, model=model))
-    except TypeError as exc:
-        raise ConfigError(f"{path}: {exc}") from None
+        if not isinstance(train, dict):
+            raise ConfigError(f"train must be a mapping, got {train!r}")
+        model = train.pop("model", {}) or {}
+        if not isinstance(model, dict):
+            raise ConfigError(f"train.model must be a mapping, got {model!r}")
+        model = ModelConfig(**check_types(ModelConfig, model, "train.model.", {}))
+        train = TrainConfig(**check_types(TrainConfig, train, "train.", {"model"}), model=model)
+        cfg = LoopConfig(**check_types(LoopConfig, raw, "", {"strategies", "train"}), strategies=strategies,
+                         train=train)
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from None
     return dataclasses.replace(cfg, seeds=tuple(cfg.seeds))
+
+
+def check_types(cls, values: dict, prefix: str, nested: set[str]) -> dict:
+    """Unknown keys and values of the wrong type (by the dataclass's annotations) are ConfigErrors
+    naming the key, e.g. `budget must be an integer, got 'abc'`."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key, value in values.items():
+        if key not in fields or key in nested:
+            known = ", ".join(sorted(set(fields) - nested))
+            raise ConfigError(f"{prefix}{key}: unknown key (known: {known})")
+        want = str(fields[key].type)
+        if not _fits(value, want):
+            raise ConfigError(f"{prefix}{key} must be {_describe(want)}, got {value!r}")
+    missing = [n for n, f in fields.items() if n not in values and n not in nested
+               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise ConfigError(f"{prefix}{missing[0]}: required key is missing")
+    return values
+
+
+_KINDS = {"int": lambda v: isinstance(v, int) and not isinstance(v, bool),
+          "float": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+          "str": lambda v: isinstance(v, str), "bool": lambda v: isinstance(v, bool),
+          "None": lambda v: v is None,
+          "tuple[int, ...]": lambda v: isinstance(v, (list, tuple)) and all(_KINDS["int"](x) for x in v)}
+_NAMES = {"int": "an integer", "float": "a number", "str": "a string", "bool": "true or false", "None": "null",
+          "tuple[int, ...]": "a list of integers"}
+
+
+def _fits(value, annotation: str) -> bool:
+    kinds = [k.strip() for k in annotation.split("|")]
+    return any(_KINDS[k](value) for k in kinds if k in _KINDS) or not any(k in _KINDS for k in kinds)
+
+
+def _describe(annotation: str) -> str:
+    return " or ".join(_NAMES.get(k.strip(), k.strip()) for k in annotation.split("|"))

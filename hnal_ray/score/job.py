@@ -26,6 +26,7 @@ from hnal_ray.score.clusters import kmeans, quota_select
 from hnal_ray.config import ScoreConfig, ScoreInputs
 from hnal_ray.device import pick_device
 from hnal_ray.io import read_embeddings, write_json, write_parquet
+from hnal_ray.score.outdir import check_out, out_lock
 from hnal_ray.score.plan import Plan, check_inputs, input_fingerprint, load_keys_sorted, shard_specs
 from hnal_ray.score.selection import Ranked, merge_top, select_top
 from hnal_ray.score.thresholds import kth, merge_topk, minibatch_thresholds
@@ -64,15 +65,34 @@ class LocalBackend:
 
 
 def run_key(inputs: ScoreInputs, cfg: ScoreConfig) -> str:
-    blob = json.dumps({"inputs": input_fingerprint(inputs), "config": dataclasses.asdict(cfg) | {"address": None},
-                       "version": 1}, sort_keys=True)
+    """Content fingerprint of the inputs and the config (not where or how patiently it runs)."""
+    blob = json.dumps({"inputs": input_fingerprint(inputs),
+                       "config": dataclasses.asdict(cfg) | {"address": None, "wait": None}, "version": 2},
+                      sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def finished_summary(inputs: ScoreInputs, cfg: ScoreConfig, out_dir: str | os.PathLike) -> dict | None:
+    """The summary of a finished run of these inputs and config in `out_dir`, or None (cheap: no Ray)."""
+    check_out(Path(out_dir), inputs)
+    done = _finished_summary(Path(out_dir), run_key(inputs, cfg))
+    if done is not None:
+        log.info("%s: finished run with the same inputs and config found; skipping", out_dir)
+    return done
 
 
 def run_score(inputs: ScoreInputs, cfg: ScoreConfig, out_dir: str | os.PathLike,
               make_backend=None) -> dict:
-    """Run (or resume, or skip if finished) one scoring job; returns the summary dict."""
-    out, t0, timings = Path(out_dir), time.perf_counter(), {}
+    """Run (or resume, or skip if finished) one scoring job, as the only writer of `out_dir`;
+    returns the summary dict."""
+    out = Path(out_dir)
+    check_out(out, inputs)
+    with out_lock(out, cfg.wait):
+        return _run_locked(inputs, cfg, out, make_backend)
+
+
+def _run_locked(inputs: ScoreInputs, cfg: ScoreConfig, out: Path, make_backend) -> dict:
+    t0, timings = time.perf_counter(), {}
     key = run_key(inputs, cfg)
     done = _finished_summary(out, key)
     if done is not None:

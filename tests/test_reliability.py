@@ -1,0 +1,191 @@
+"""No stale answer, no traceback, one writer per output: `hnal score` against changed inputs, a held
+--out, unusable outputs, corrupt pages, big ids, config mistakes and Ctrl-C."""
+import fcntl
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from helpers import dense_run, write_inputs
+from hnal_ray.cli import main
+from hnal_ray.io import embedding_array
+
+
+def score_args(paths, out, *extra, budget=7):
+    return ["score", "--paired-images", str(paths["paired_images"]), "--paired-texts", str(paths["paired_texts"]),
+            "--pool", str(paths["pool"]), "--budget", str(budget), "--out", str(out), *[str(x) for x in extra]]
+
+
+def swap_same_size_same_mtime(path, raw, rng):
+    """Rewrite the pool with other embeddings, byte size and mtime kept (as `cp -p` of another export)."""
+    st = path.stat()
+    raw["pool_emb"] = rng.choice(np.array([-1.0, 1.0], np.float32), raw["pool_emb"].shape)
+    t = pq.read_table(path)
+    order = np.argsort(np.argsort(t["image_id"].to_numpy()))
+    emb = embedding_array(raw["pool_emb"][np.argsort(raw["pool_ids"])][order]).cast(t["embedding"].type)
+    pq.write_table(t.set_column(1, "embedding", emb), path, compression="none", use_dictionary=False,
+                   write_statistics=False, row_group_size=7)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    return path.stat().st_size == st.st_size and path.stat().st_mtime_ns == st.st_mtime_ns
+
+
+def plain_inputs(root, seed):
+    """Inputs written uncompressed, so a rewrite with other values keeps the file size."""
+    paths, raw = write_inputs(root, np.random.default_rng(seed), n_pool=40)
+    for p in paths.values():
+        pq.write_table(pq.read_table(p), p, compression="none", use_dictionary=False, write_statistics=False,
+                       row_group_size=7)
+    return paths, raw
+
+
+def selected(out):
+    return pq.read_table(out / "selection.parquet")["image_id"].to_pylist()
+
+
+def test_a_finished_run_is_not_reused_when_the_content_changed(tmp_path):
+    paths, raw = plain_inputs(tmp_path / "in", 1)
+    out = tmp_path / "out"
+    assert main(score_args(paths, out)) == 0
+    assert selected(out) == list(dense_run(raw, "image", "surplus", 1, 7)[0])
+    assert swap_same_size_same_mtime(paths["pool"], raw, np.random.default_rng(99))
+    assert main(score_args(paths, out)) == 0
+    assert selected(out) == list(dense_run(raw, "image", "surplus", 1, 7)[0])   # the fresh answer
+
+
+RESUME = """
+import json, sys
+from hnal_ray.config import ScoreConfig, ScoreInputs
+from hnal_ray.score.job import LocalBackend, run_score
+p = json.loads(sys.argv[2])
+run_score(ScoreInputs(p["paired_images"], p["paired_texts"], p["pool"]), ScoreConfig(budget=7, shards=3), sys.argv[1],
+          lambda specs: LocalBackend(specs, "cpu"))
+"""
+
+
+def test_an_interrupted_run_does_not_mix_old_shards_with_new_content(tmp_path):
+    paths, raw = plain_inputs(tmp_path / "in", 2)
+    out, args = tmp_path / "out", json.dumps({k: str(v) for k, v in paths.items()})
+    died = subprocess.run([sys.executable, "-c", RESUME, str(out), args], capture_output=True, text=True,
+                          env=dict(os.environ, HNAL_FAIL_SHARD="1"), timeout=120)
+    assert died.returncode == 17 and (out / ".work" / "manifest.json").exists()   # shard 0 done, then killed
+    assert swap_same_size_same_mtime(paths["pool"], raw, np.random.default_rng(5))
+    again = subprocess.run([sys.executable, "-c", RESUME, str(out), args], capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0, again.stderr
+    want_ids, want_scores = dense_run(raw, "image", "surplus", 1, 7)
+    assert selected(out) == list(want_ids)
+    scores = pq.read_table(out / "scores.parquet")
+    got = dict(zip(scores["image_id"].to_pylist(), scores["score"].to_pylist()))
+    assert all(got[i] == pytest.approx(want_scores[i], abs=1e-9) for i in got)
+
+
+def test_one_writer_per_out(tmp_path, capsys):
+    paths, _ = write_inputs(tmp_path / "in", np.random.default_rng(3), n_pool=40)
+    out = tmp_path / "out"
+    out.mkdir()
+    fd = os.open(out / ".lock", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX)          # another run holds it
+    os.write(fd, b"4242\n")
+    try:
+        assert main(score_args(paths, out)) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "another run (pid 4242) is writing this --out" in err[0]
+        assert sorted(p.name for p in out.iterdir()) == [".lock"]
+    finally:
+        os.close(fd)                        # released: the next run goes ahead
+    assert main(score_args(paths, out)) == 0 and (out / "selection.parquet").exists()
+
+
+def test_unusable_out_is_refused_before_any_work(tmp_path, capsys):
+    paths, _ = write_inputs(tmp_path / "in", np.random.default_rng(4), n_pool=40)
+    a_file = tmp_path / "taken"
+    a_file.write_text("x")
+    assert main(score_args(paths, a_file)) == 2
+    assert "--out exists and is not a directory" in capsys.readouterr().err and a_file.read_text() == "x"
+    pool_dir = tmp_path / "pooldir"
+    pool_dir.mkdir()
+    os.replace(paths["pool"], pool_dir / "part-0.parquet")
+    paths["pool"] = pool_dir
+    assert main(score_args(paths, pool_dir / "out")) == 2
+    assert "--out is inside the pool directory" in capsys.readouterr().err
+    assert not (pool_dir / "out").exists()
+
+
+def test_bad_input_leaves_no_out_folder(tmp_path, capsys):
+    paths, _ = write_inputs(tmp_path / "in", np.random.default_rng(5), n_pool=40)
+    assert main(score_args(paths, tmp_path / "out", budget=41)) == 2
+    assert "larger than the pool" in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+def corrupt_first_page(path):
+    b = bytearray(path.read_bytes())
+    footer = int.from_bytes(b[-8:-4], "little")
+    for i in range(40, min(len(b) - footer - 8, 400)):
+        b[i] ^= 0x5A
+    path.write_bytes(bytes(b))
+
+
+def test_corrupt_data_page_is_exit_2_naming_file_and_row_group(tmp_path, capsys):
+    paths, _ = write_inputs(tmp_path / "in", np.random.default_rng(6), n_pool=40)
+    corrupt_first_page(paths["pool"])
+    assert main(score_args(paths, tmp_path / "out")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{paths['pool']}: row group 0 of 6 cannot be read" in err[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_uint64_ids_only_while_they_fit_int64(tmp_path, capsys):
+    paths, raw = write_inputs(tmp_path / "in", np.random.default_rng(7), n_pool=40)
+    t = pq.read_table(paths["pool"])
+    ids = t["image_id"].to_numpy().astype(np.uint64)
+    pq.write_table(t.set_column(0, "image_id", pa.array(ids, pa.uint64())), paths["pool"])
+    assert main(score_args(paths, tmp_path / "ok")) == 0                   # small uint64 ids are fine
+    assert selected(tmp_path / "ok") == list(dense_run(raw, "image", "surplus", 1, 7)[0])
+    ids[3] = np.uint64(2**63 + 5)
+    pq.write_table(t.set_column(0, "image_id", pa.array(ids, pa.uint64())), paths["pool"])
+    assert main(score_args(paths, tmp_path / "big")) == 2
+    assert f"column 'image_id' row 3: id {2**63 + 5} does not fit int64" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("sets,message", [
+    (["--set", "seeds=5"], "seeds must be a list of integers, got 5"),
+    (["--set", "budget=abc"], "budget must be an integer, got 'abc'"),
+    (["--set", "train.lr=fast"], "train.lr must be a number, got 'fast'"),
+    (["--set", "nonsense=1"], "nonsense: unknown key"),
+    (["--set", "strategies=[{name: r, strategy: random, k: x}]"], "strategies[0].k must be an integer"),
+])
+def test_loop_config_errors_name_the_key(tmp_path, capsys, sets, message):
+    assert main(["loop", "jobs/smoke.yaml", "--out", str(tmp_path / "out"), *sets]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0] and not (tmp_path / "out").exists()
+
+
+def test_missing_loop_config(tmp_path, capsys):
+    assert main(["loop", str(tmp_path / "none.yaml"), "--out", str(tmp_path / "out")]) == 2
+    assert "none.yaml: no such config file" in capsys.readouterr().err
+
+
+def test_ctrl_c_is_one_line_and_exit_130(tmp_path, capsys, monkeypatch):
+    paths, _ = write_inputs(tmp_path / "in", np.random.default_rng(8), n_pool=40)
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("hnal_ray.score.job.run_score", interrupted)
+    assert main(score_args(paths, tmp_path / "out")) == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["hnal score: interrupted; re-run the same command to resume"]
+
+
+@pytest.mark.parametrize("strategy", ["random", "coreset"])
+def test_baselines_without_paired_texts(tmp_path, strategy):
+    """Random and core-set need no paired texts on the image side (core-set uses the paired images)."""
+    paths, raw = write_inputs(tmp_path / "in", np.random.default_rng(9), n_pool=40)
+    t = pq.read_table(paths["paired_texts"])
+    pq.write_table(t.slice(0, 0), paths["paired_texts"])
+    assert main(score_args(paths, tmp_path / "out", "--strategy", strategy)) == 0
+    assert len(selected(tmp_path / "out")) == 7
