@@ -115,3 +115,10 @@ def test_the_layout_rules_catch_a_violation(tmp_path):
     deps = {m: project_imports(p, known) for m, p in known.items()}
     assert deps == {"hnal_ray.score.job": {"hnal_ray.loop.driver"}, "hnal_ray.loop.driver": {"hnal_ray.score.job"}}
     assert LAYER[stage("hnal_ray.loop.driver")] >= LAYER[stage("hnal_ray.score.job")]
+
+
+def test_the_architecture_page_names_every_module():
+    text = (REPO / "docs" / "architecture.md").read_text()
+    missing = [str(p.relative_to(PKG)) for p in PKG.rglob("*.py")
+               if p.name not in ("__init__.py", "__main__.py") and f"`{p.name}`" not in text]
+    assert missing == []
