@@ -25,11 +25,24 @@ class StrategyConfig:
     clusters: int = 0              # cluster strategy (see `hnal score --strategy cluster`)
     quota: str = "equal"
     within: str = "hardest"
+    switch_at: int | None = None   # budget-aware: from this many paired images on, select with `then`
+    then: dict | None = None       # the score options that replace these ones from `switch_at` on
 
-    def score_config(self, budget: int, seed: int, shards: int) -> ScoreConfig:
-        return ScoreConfig(budget=budget, strategy=self.strategy, weight=self.weight, k=self.k,
-                           threshold_batch=self.threshold_batch, side=self.side, seed=seed, shards=shards,
-                           clusters=self.clusters, quota=self.quota, within=self.within)
+    def __post_init__(self):
+        if (self.switch_at is None) != (self.then is None):
+            raise ConfigError(f"strategies: {self.name}: switch_at and then go together")
+        if self.then is not None:
+            allowed = {"strategy", "weight", "k", "threshold_batch", "clusters", "quota", "within"}
+            if not isinstance(self.then, dict) or set(self.then) - allowed:
+                raise ConfigError(f"strategies: {self.name}: then may set only {sorted(allowed)}, got {self.then!r}")
+
+    def score_config(self, budget: int, seed: int, shards: int, paired_images: int = 0) -> ScoreConfig:
+        """The `hnal score` options for a round that starts with `paired_images` paired images."""
+        opts = {"strategy": self.strategy, "weight": self.weight, "k": self.k, "threshold_batch": self.threshold_batch,
+                "clusters": self.clusters, "quota": self.quota, "within": self.within}
+        if self.switch_at is not None and paired_images >= self.switch_at:
+            opts |= self.then
+        return ScoreConfig(budget=budget, side=self.side, seed=seed, shards=shards, **opts)
 
 
 @dataclass(frozen=True)
@@ -56,6 +69,8 @@ class LoopConfig:
             raise ConfigError(f"strategies: names must be unique, got {names}")
         for s in self.strategies:
             s.score_config(self.budget, 0, self.shards)  # validates each strategy's options
+            if s.switch_at is not None:
+                s.score_config(self.budget, 0, self.shards, s.switch_at)
         if self.seed_size < 2 or self.rounds < 0:
             raise ConfigError("seed_size must be >= 2 and rounds >= 0")
         if self.data_split not in ("group", "iid"):
@@ -138,11 +153,12 @@ def check_types(cls, values: dict, prefix: str, nested: set[str]) -> dict:
 
 
 _KINDS = {"int": lambda v: isinstance(v, int) and not isinstance(v, bool),
+          "dict": lambda v: isinstance(v, dict),
           "float": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
           "str": lambda v: isinstance(v, str), "bool": lambda v: isinstance(v, bool),
           "None": lambda v: v is None,
           "tuple[int, ...]": lambda v: isinstance(v, (list, tuple)) and all(_KINDS["int"](x) for x in v)}
-_NAMES = {"int": "an integer", "float": "a number", "str": "a string", "bool": "true or false", "None": "null",
+_NAMES = {"dict": "a mapping", "int": "an integer", "float": "a number", "str": "a string", "bool": "true or false", "None": "null",
           "tuple[int, ...]": "a list of integers"}
 
 

@@ -200,7 +200,7 @@ def _select(cfg: LoopConfig, ctx: Context, strategy: StrategyConfig, seed: int, 
     timings["embed_s"] = time.perf_counter() - t
     inputs = ScoreInputs(str(emb / "paired" / "images.parquet"), str(emb / "paired" / "captions.parquet"),
                          str(pool_path))
-    score_cfg = strategy.score_config(cfg.budget, seed * 1000 + r, cfg.shards)
+    score_cfg = strategy.score_config(cfg.budget, seed * 1000 + r, cfg.shards, int(prev["paired_images"]))
     t = time.perf_counter()
     if score_cfg.shards > 0:
         from hnal_ray.cluster.score import run_score_on_ray
