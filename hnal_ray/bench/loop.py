@@ -11,6 +11,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from hnal_ray.bench.score import machine
+from hnal_ray.io import InputError
 
 STAGES = ("embed_s", "score_s", "select_s", "diagnostics_s", "annotate_s", "train_s", "evaluate_s")
 
@@ -26,7 +27,7 @@ def run_loop_bench(config: str, overrides: list[str], out: str | None, address: 
     with tempfile.TemporaryDirectory() as tmp:
         run_dir = Path(out) if out else Path(tmp) / "run"
         if run_dir.exists() and any(run_dir.iterdir()):
-            raise FileExistsError(f"{run_dir}: the benchmark needs a fresh --out")
+            raise InputError(f"{run_dir}: the benchmark needs a fresh (missing or empty) --out")
         t = time.perf_counter()
         with ray_session(address):
             start_s = time.perf_counter() - t
