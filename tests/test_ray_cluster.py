@@ -77,7 +77,12 @@ def test_ray_job_submit_to_a_started_head(tmp_path):
     port, dash = _free_port(), _free_port()
     head = subprocess.Popen([str(bin_dir / "ray"), "start", "--head", "--block", f"--port={port}", "--num-cpus=2",
                              "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
-                             "--disable-usage-stats"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             "--disable-usage-stats",
+                             # the agents' default ports may be taken by another Ray on this machine
+                             *(f"--{flag}={_free_port()}" for flag in (
+                                 "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port",
+                                 "metrics-export-port"))],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     address = f"http://127.0.0.1:{dash}"
     try:
