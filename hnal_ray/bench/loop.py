@@ -12,8 +12,8 @@ import pyarrow.parquet as pq
 
 from hnal_ray.bench.score import machine
 from hnal_ray.io import InputError
+from hnal_ray.loop.report import STAGES
 
-STAGES = ("embed_s", "score_s", "select_s", "diagnostics_s", "annotate_s", "train_s", "evaluate_s")
 
 
 def run_loop_bench(config: str, overrides: list[str], out: str | None, address: str | None) -> dict:

@@ -32,11 +32,11 @@ from hnal_ray.io import embedding_array, write_json, write_parquet
 from hnal_ray.loop.annotate import OracleAnnotator
 from hnal_ray.loop.config import LoopConfig, StrategyConfig
 from hnal_ray.loop.diagnostics import selection_diagnostics
+from hnal_ray.loop.report import STAGES, write_report
 from hnal_ray.retrieval.embed import embed_features, write_embeddings
 from hnal_ray.retrieval.training import evaluate, load_best
 
 log = logging.getLogger(__name__)
-STAGES = ("embed_s", "score_s", "select_s", "diagnostics_s", "annotate_s", "train_s", "evaluate_s")
 DIAGNOSTIC_CLUSTERS = 20
 
 
@@ -287,7 +287,7 @@ def run_rounds(cfg: LoopConfig, out: Path) -> dict[tuple, dict]:
         pool = TaskPool(fits if cfg.concurrency == "auto" else cfg.concurrency, cpus, gpus)
     total = len(cfg.seeds) * (1 + len(cfg.strategies) * cfg.rounds)
     done = sum(1 for f in out.glob("*/seed-*/round-*/state.json"))
-    progress, states = Progress(total, min(done, total), ), {}
+    progress, states = Progress(total, min(done, total)), {}
     log.info("%d rounds (%d already done), up to %s at once", total, min(done, total),
              pool.max_in_flight or "1 (in the driver)")
     ready = [(None, seed, 0, None) for seed in cfg.seeds]
@@ -355,8 +355,6 @@ def _each_round(cfg: LoopConfig, states: dict):
 
 def run_loop(cfg: LoopConfig, out: str | Path) -> Path:
     """`hnal loop`: every trajectory, then the report; re-running resumes from finished rounds."""
-    from hnal_ray.loop.report import write_report
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     saved = out / "config.json"

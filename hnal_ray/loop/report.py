@@ -69,7 +69,9 @@ def summarize(rows: list[dict]) -> list[dict]:
     return out
 
 
-STAGES = ("embed_s", "score_s", "select_s", "diagnostics_s", "annotate_s", "train_s", "evaluate_s", "round_s")
+# the stages of a round, in order: the keys of state["timings"] and of timings.parquet
+STAGES = ("embed_s", "score_s", "select_s", "diagnostics_s", "annotate_s", "train_s", "evaluate_s")
+TIME_COLUMNS = STAGES + ("round_s",)
 
 
 def stage_times(rows: list[dict]) -> list[dict]:
@@ -77,7 +79,7 @@ def stage_times(rows: list[dict]) -> list[dict]:
     groups = {"seed set (round 0)": [r for r in rows if r["round"] == 0 and r["strategy"] == rows[0]["strategy"]]}
     for strategy in dict.fromkeys(r["strategy"] for r in rows):
         groups[strategy] = [r for r in rows if r["strategy"] == strategy and r["round"] > 0]
-    return [{"rounds": name, "n": len(g), **{k: float(np.mean([r.get(k, 0.0) for r in g])) for k in STAGES}}
+    return [{"rounds": name, "n": len(g), **{k: float(np.mean([r.get(k, 0.0) for r in g])) for k in TIME_COLUMNS}}
             for name, g in groups.items() if g]
 
 
@@ -169,13 +171,13 @@ def write_report(cfg: LoopConfig, out: Path, rows: list[dict], timings: list[dic
         for title, tab in (("Difference to random (paired by seed)", dtable if diffs else []),
                            ("Selection diagnostics (mean over seeds and rounds)", gtable if diag else [])) if tab)
     times = stage_times(timings)
-    head = "| rounds | n | " + " | ".join(k[:-2] for k in STAGES) + " |"
-    ttable = [head, "|---" * (len(STAGES) + 2) + "|"]
-    ttable += ["| " + " | ".join([t["rounds"], str(t["n"])] + [f"{t[k]:.1f}" for k in STAGES]) + " |" for t in times]
+    head = "| rounds | n | " + " | ".join(k[:-2] for k in TIME_COLUMNS) + " |"
+    ttable = [head, "|---" * (len(TIME_COLUMNS) + 2) + "|"]
+    ttable += ["| " + " | ".join([t["rounds"], str(t["n"])] + [f"{t[k]:.1f}" for k in TIME_COLUMNS]) + " |" for t in times]
     thtml = ("<h2>Wall time per round (seconds, mean)</h2><table><tr><th>rounds</th><th>n</th>"
-             + "".join(f"<th>{k[:-2]}</th>" for k in STAGES) + "</tr>"
+             + "".join(f"<th>{k[:-2]}</th>" for k in TIME_COLUMNS) + "</tr>"
              + "".join(f"<tr><td>{html.escape(t['rounds'])}</td><td>{t['n']}</td>"
-                       + "".join(f"<td>{t[k]:.1f}</td>" for k in STAGES) + "</tr>" for t in times) + "</table>")
+                       + "".join(f"<td>{t[k]:.1f}</td>" for k in TIME_COLUMNS) + "</tr>" for t in times) + "</table>")
     md = ["# Active-learning report", "", f"Budget {cfg.budget} per round, {cfg.rounds} rounds, seed set "
           f"{cfg.seed_size} images, seeds {list(cfg.seeds)}; metrics on the test split.", "",
           "![learning curves](curves.png)", "", "## Metrics per round (mean ± std over seeds)", "", *table, "",

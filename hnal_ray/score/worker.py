@@ -101,7 +101,11 @@ class ShardWorker:
         """Score this shard, write every item's score to `part_path`, return the local top-B."""
         t0 = time.perf_counter()
         ids = self.pool.ids
-        if task.strategy == "random" or (task.strategy == "cluster" and task.within != "hardest"):
+        cluster = assign(self.pool.emb, task.centres) if task.strategy == "cluster" else None
+        if cluster is not None and task.within == "central":
+            scores, margin, pairs = (centrality(self.pool.emb, task.centres, cluster),
+                                     np.full(len(ids), np.nan, np.float32), 0)
+        elif task.strategy == "random" or (cluster is not None and task.within == "random"):
             scores, margin, pairs = random_keys(ids, task.seed), np.full(len(ids), np.nan, np.float32), 0
         else:
             res = score_pool(self.pool.emb, anchors.emb, thresholds, task.weight, self.device,
@@ -111,9 +115,6 @@ class ShardWorker:
             Path(task.fail_marker).touch()
             log.error("injected failure in shard %d", self.spec.index)
             os._exit(17)
-        cluster = assign(self.pool.emb, task.centres) if task.strategy == "cluster" else None
-        if cluster is not None and task.within == "central":
-            scores = centrality(self.pool.emb, task.centres, cluster)
         write_parquet(score_table(self.spec.pool_id_column, ids, scores, margin, cluster), part_path)
         seconds = time.perf_counter() - t0
         log.info("shard %d: %d items x %d anchors in %.2fs (%.3g pairs/s)", self.spec.index, len(ids),
