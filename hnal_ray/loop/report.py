@@ -9,6 +9,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from hnal_ray.data.contract import image_column
+from hnal_ray.data.images import ImageError, thumbnail_png
 from hnal_ray.io import read_embeddings, write_parquet
 from hnal_ray.loop.config import LoopConfig, StrategyConfig
 from hnal_ray.score.thresholds import kth, minibatch_thresholds, negative_topk
@@ -206,24 +208,34 @@ def _why_selected(cfg: LoopConfig, out: Path) -> dict | None:
     if strategy is None or cfg.rounds < 1:
         return None
     state_dir = out / strategy.name / f"seed-{cfg.seeds[0]}" / f"round-{cfg.rounds}"
-    caps = pq.read_table(Path(cfg.data) / "captions.parquet", columns=["text_id", "text", "image_id"]).to_pydict()
+    tables = [pq.read_table(Path(cfg.data) / "captions.parquet", columns=["text_id", "text", "image_id"])]
+    tables += [pq.read_table(f, columns=["text_id", "text", "image_id"])  # captions people wrote in this run
+               for f in sorted(out.glob(f"{strategy.name}/seed-{cfg.seeds[0]}/round-*/annotations.parquet"))]
+    caps = pa.concat_tables(tables).to_pydict()
     captions = dict(zip(caps["text_id"], caps["text"]))
     own = {}
     for t, i in zip(caps["text"], caps["image_id"]):
         own.setdefault(i, []).append(t)
     items = explain(state_dir, strategy, captions)
-    images = pq.read_table(Path(cfg.data) / "images.parquet", columns=["image_id", "png"]).to_pydict()
-    png = dict(zip(images["image_id"], images["png"]))
+    column = image_column(pq.read_schema(Path(cfg.data) / "images.parquet"))
+    wanted = [it["image_id"] for it in items]
+    images = (pq.read_table(Path(cfg.data) / "images.parquet", columns=["image_id", column],
+                            filters=[("image_id", "in", wanted)]).to_pydict() if column and wanted else {})
+    encoded = dict(zip(images.get("image_id", []), images.get(column, [])))
     (out / "thumbs").mkdir(exist_ok=True)
     md, hs = [f"Strategy `{strategy.name}`, seed {cfg.seeds[0]}, round {cfg.rounds}: the top selected images, "
               f"the paired texts each beats (s(u,t) - xi_t > 0) and by how much.", ""], []
     for it in items:
-        (out / "thumbs" / f"{it['image_id']}.png").write_bytes(png[it["image_id"]])
+        if it["image_id"] in encoded:
+            try:
+                (out / "thumbs" / f"{it['image_id']}.png").write_bytes(thumbnail_png(encoded[it["image_id"]], 96))
+            except ImageError:
+                pass
         beats = "; ".join(f"{b['text']} (+{b['margin']:.3f})" for b in it["beats"]) or "none"
         name = " / ".join(own.get(it["image_id"], []))
         md.append(f"- ![](thumbs/{it['image_id']}.png) **{name}** score {it['score']:.3f}, beats "
                   f"{it['texts_beaten']} texts: {beats}")
-        hs.append(f"<div class='item'><img src='thumbs/{it['image_id']}.png' width='72' height='72'><div>"
+        hs.append(f"<div class='item'><img src='thumbs/{it['image_id']}.png' style='max-width:72px;max-height:72px'><div>"
                   f"<b>{html.escape(name)}</b> score {it['score']:.3f}, beats {it['texts_beaten']} paired texts"
                   f"<br>{html.escape(beats)}</div></div>")
     return {"md": "\n".join(md), "html": f"<h2>Why selected</h2><p>{html.escape(md[0])}</p>{''.join(hs)}"}

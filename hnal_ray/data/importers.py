@@ -1,0 +1,420 @@
+"""`hnal data import`: the layouts people already have, written into the data folder contract.
+
+Sources (the layout is detected): an image folder with metadata.jsonl / metadata.csv (`file_name`,
+`text`: the Hugging Face imagefolder convention), a Parquet table of image bytes and captions
+(img2dataset: `jpg`/`png`/`webp`/`image`, `caption`), WebDataset tar shards (`.jpg`/`.png` +
+`.txt`), a plain image folder (searched recursively: unpaired images), or a folder of precomputed
+embeddings (images.parquet + captions.parquet with `embedding`). An unreadable image is reported
+by path and skipped; the folder is written under a temporary name and renamed when complete.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tarfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from hnal_ray.data.contract import SPLITS, check_data_dir
+from hnal_ray.data.images import ImageError, open_rgb
+from hnal_ray.data.splits import assign_split
+from hnal_ray.io import InputError, write_json, write_parquet
+
+log = logging.getLogger(__name__)
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+PARQUET_IMAGE_COLUMNS = ("image", "jpg", "jpeg", "png", "webp")
+CAPTION_COLUMNS = ("caption", "text", "captions")
+SPLIT_ALIASES = {"train": "train", "val": "val", "validation": "val", "valid": "val", "dev": "val", "test": "test"}
+ROW_GROUP = 64  # image rows per row group: photos are large, readers stream by row group
+IMPORTED_BY = "hnal data import"
+
+
+@dataclass
+class Record:
+    """One source image: where it came from, its bytes, captions and optional group/split."""
+
+    path: str
+    data: bytes
+    captions: list[str] = field(default_factory=list)
+    group: str | None = None
+    split: str | None = None
+
+
+def detect_layout(src: Path) -> str:
+    """imagefolder | parquet | webdataset | embeddings | folder (raises InputError otherwise)."""
+    if not src.exists():
+        raise InputError(f"{src}: no such file or directory")
+    if src.is_file():
+        if src.suffix == ".parquet":
+            return "parquet"
+        if src.suffix == ".tar":
+            return "webdataset"
+        raise InputError(f"{src}: not a layout hnal data import reads (a folder, a .parquet file or a .tar shard)")
+    if (src / "metadata.jsonl").is_file() or (src / "metadata.csv").is_file():
+        return "imagefolder"
+    if (src / "images.parquet").exists() and "embedding" in _schema(src / "images.parquet").names:
+        return "embeddings"
+    if any(src.glob("*.tar")):
+        return "webdataset"
+    if any(src.glob("*.parquet")):
+        return "parquet"
+    return "folder"
+
+
+def _schema(path: Path) -> pa.Schema:
+    files = [path] if path.is_file() else sorted(path.glob("*.parquet"))
+    try:
+        return pq.read_schema(files[0])
+    except Exception as exc:
+        raise InputError(f"{files[0] if files else path}: not a readable Parquet file ({exc})") from None
+
+
+def _split(value, where: str) -> str | None:
+    if value is None or value == "":
+        return None
+    name = SPLIT_ALIASES.get(str(value).strip().lower())
+    if name is None:
+        raise InputError(f"{where}: split {value!r} is not one of {', '.join(SPLITS)}")
+    return name
+
+
+def _captions(value, where: str) -> list[str]:
+    """A caption cell: a string or a list of strings; empty strings are dropped."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+        raise InputError(f"{where}: text must be a string or a list of strings, got {value!r}")
+    return [v.strip() for v in value if v.strip()]
+
+
+def _metadata_rows(src: Path) -> Iterator[tuple[str, dict]]:
+    if (src / "metadata.jsonl").is_file():
+        f = src / "metadata.jsonl"
+        for n, line in enumerate(f.read_text(encoding="utf-8").splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise InputError(f"{f}: line {n}: not valid JSON ({exc.msg})") from None
+            if not isinstance(row, dict):
+                raise InputError(f"{f}: line {n}: expected a JSON object")
+            yield f"{f}: line {n}", row
+        return
+    f = src / "metadata.csv"
+    with f.open(newline="", encoding="utf-8") as fh:
+        for n, row in enumerate(csv.DictReader(fh), start=2):
+            yield f"{f}: line {n}", row
+
+
+def read_imagefolder(src: Path, skip: Callable[[str, str], None]) -> Iterator[Record]:
+    """metadata rows (file_name, text, optional group/split; several rows per file = several
+    captions), then the folder's image files without a row, as unpaired images."""
+    records: dict[str, Record] = {}
+    for where, row in _metadata_rows(src):
+        if "file_name" not in row:
+            raise InputError(f"{where}: missing 'file_name' (has {', '.join(row) or 'nothing'})")
+        text_key = next((k for k in ("text", "caption", "captions") if k in row), None)
+        if text_key is None:
+            raise InputError(f"{where}: missing 'text' (has {', '.join(row)})")
+        name = str(row["file_name"])
+        rec = records.get(name)
+        if rec is None:
+            path = (src / name).resolve()
+            if not path.is_file():
+                skip(str(src / name), "listed in the metadata but missing")
+                records[name] = None
+                continue
+            rec = records[name] = Record(str(path), path.read_bytes())
+        elif rec is None:
+            continue
+        rec.captions += _captions(row[text_key], where)
+        for key in ("group", "split"):
+            value = row.get(key) or None
+            if key == "split":
+                value = _split(value, where)
+            old = getattr(rec, key)
+            if value is not None and old is not None and old != value:
+                raise InputError(f"{where}: {key} {value!r} contradicts {old!r} given earlier for {name}")
+            setattr(rec, key, old or value)
+    listed = {str((src / n).resolve()) for n in records}
+    yield from (r for r in records.values() if r is not None)
+    for rec in read_folder(src, skip):
+        if rec.path not in listed:
+            yield rec
+
+
+def read_folder(src: Path, skip: Callable[[str, str], None]) -> Iterator[Record]:
+    """Every image file under src (recursively, name order), without captions."""
+    for path in sorted(p for p in src.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES):
+        yield Record(str(path.resolve()), path.read_bytes())
+
+
+def _cell_bytes(value):
+    if isinstance(value, dict):  # Hugging Face datasets' Image feature: {bytes, path}
+        value = value.get("bytes")
+    return value
+
+
+def read_parquet(src: Path, skip: Callable[[str, str], None]) -> Iterator[Record]:
+    """img2dataset-style Parquet (a file or a folder of files): one row per image."""
+    files = [src] if src.is_file() else sorted(src.glob("*.parquet"))
+    for f in files:
+        schema = _schema(f)
+        img = next((c for c in PARQUET_IMAGE_COLUMNS if c in schema.names), None)
+        if img is None:
+            raise InputError(f"{f}: no image column (one of {', '.join(PARQUET_IMAGE_COLUMNS)}; "
+                             f"has {', '.join(schema.names)})")
+        cap = next((c for c in CAPTION_COLUMNS if c in schema.names), None)
+        extra = [c for c in ("group", "split", "status") if c in schema.names]
+        pf = pq.ParquetFile(f)
+        row = 0
+        for batch in pf.iter_batches(batch_size=256, columns=[img, *([cap] if cap else []), *extra]):
+            for values in batch.to_pylist():
+                where = f"{f}: row {row}"
+                row += 1
+                if values.get("status") not in (None, "success"):  # img2dataset keeps failed downloads as rows
+                    continue
+                data = _cell_bytes(values[img])
+                if not data:
+                    skip(where, "no image bytes")
+                    continue
+                yield Record(where, data, _captions(values.get(cap), where) if cap else [],
+                             values.get("group") or None, _split(values.get("split"), where))
+
+
+def read_webdataset(src: Path, skip: Callable[[str, str], None]) -> Iterator[Record]:
+    """WebDataset shards: members grouped by key (path up to the first dot of the name); the image
+    member (.jpg/.png/...) and the .txt caption (one caption per non-empty line)."""
+    shards = [src] if src.is_file() else sorted(src.glob("*.tar"))
+    for shard in shards:
+        samples: dict[str, dict[str, bytes]] = {}
+        try:
+            with tarfile.open(shard) as tar:
+                for m in tar:
+                    if not m.isfile():
+                        continue
+                    head, _, name = m.name.rpartition("/")
+                    stem, dot, ext = name.partition(".")
+                    if dot:
+                        samples.setdefault(f"{head}/{stem}" if head else stem, {})[ext.lower()] = tar.extractfile(m).read()
+        except tarfile.TarError as exc:
+            raise InputError(f"{shard}: not a readable tar file ({exc})") from None
+        for key, parts in samples.items():
+            where = f"{shard}::{key}"
+            image = next((parts[e] for e in ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff") if e in parts), None)
+            if image is None:
+                skip(where, f"no image member (has {', '.join('.' + e for e in parts)})")
+                continue
+            text = parts.get("txt", b"").decode("utf-8", errors="replace")
+            yield Record(where, image, [line.strip() for line in text.splitlines() if line.strip()])
+
+
+READERS = {"imagefolder": read_imagefolder, "folder": read_folder, "parquet": read_parquet, "webdataset": read_webdataset}
+
+
+def source_fingerprint(*paths: Path | None) -> str:
+    """Cheap fingerprint of the sources (names, sizes, mtimes): a re-run over unchanged sources skips."""
+    h = hashlib.sha256()
+    for p in paths:
+        if p is None:
+            continue
+        files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file())
+        for f in files:
+            st = f.stat()
+            h.update(f"{f.resolve()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:16]
+
+
+class _Images:
+    """Streams image rows into images.parquet (bounded memory), remembering ids, groups and hashes."""
+
+    def __init__(self, path: Path):
+        self.schema = pa.schema([("image_id", pa.int64()), ("image", pa.binary()), ("group", pa.string()),
+                                 ("path", pa.string())])
+        self.writer = pq.ParquetWriter(path, self.schema)
+        self.rows: list[dict] = []
+        self.ids: list[int] = []
+        self.groups: list[str | None] = []
+        self.paths: list[str] = []
+
+    def add(self, rec: Record) -> int:
+        image_id = len(self.ids)
+        self.ids.append(image_id)
+        self.groups.append(rec.group)
+        self.paths.append(rec.path)
+        self.rows.append({"image_id": image_id, "image": rec.data, "group": rec.group, "path": rec.path})
+        if len(self.rows) == ROW_GROUP:
+            self.flush()
+        return image_id
+
+    def flush(self) -> None:
+        if self.rows:
+            self.writer.write_table(pa.Table.from_pylist(self.rows, schema=self.schema))
+            self.rows = []
+
+    def close(self) -> None:
+        self.flush()
+        self.writer.close()
+
+
+def import_data(src: str | Path, out: str | Path, pool: str | Path | None = None, seed: int = 0,
+                fractions: tuple[float, float, float] = (0.8, 0.1, 0.1),
+                report_skip: Callable[[str, str], None] | None = None) -> dict:
+    """Write `out` (images/captions/split.parquet, summary.json) from `src` and an optional unpaired
+    `pool`. Returns the summary; skips when `out` holds an import of the same unchanged sources."""
+    src, out = Path(src), Path(out)
+    pool = Path(pool) if pool is not None else None
+    layout = detect_layout(src)
+    pool_layout = detect_layout(pool) if pool is not None else None
+    if pool_layout == "embeddings" or (layout == "embeddings" and pool is not None):
+        raise InputError(f"{pool}: a pool of precomputed embeddings goes in the same embeddings folder "
+                         "(images without a caption row are the pool)")
+    config = {"src": str(src.resolve()), "pool": str(pool.resolve()) if pool else None, "seed": seed,
+              "fractions": list(fractions), "layout": layout, "pool_layout": pool_layout,
+              "sources": source_fingerprint(src, pool)}
+    if out.exists() and any(out.iterdir()):
+        summary = out / "summary.json"
+        done = json.loads(summary.read_text()) if summary.is_file() else {}
+        if done.get("builder") == IMPORTED_BY and done.get("config") == config:
+            log.info("%s already holds this import; skipping", out)
+            return done
+        raise InputError(f"{out}: exists and is not empty; hnal data import writes only a new or empty folder")
+    skipped: list[tuple[str, str]] = []
+
+    def skip(where: str, why: str) -> None:
+        skipped.append((where, why))
+        (report_skip or (lambda w, y: log.warning("skipped %s: %s", w, y)))(where, why)
+
+    tmp = out.with_name(f".{out.name}.importing")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    t0 = time.perf_counter()
+    try:
+        if layout == "embeddings":
+            counts = _import_embeddings(src, tmp, seed, fractions)
+        else:
+            counts = _import_images(src, layout, pool, pool_layout, tmp, seed, fractions, skip)
+        summary = {"builder": IMPORTED_BY, "config": config, **counts, "skipped": len(skipped),
+                   "skipped_files": [f"{w}: {y}" for w, y in skipped[:1000]]}
+        try:
+            summary |= {"check": check_data_dir(tmp)}
+        except InputError as exc:  # name the folder the user asked for, not the temporary one
+            raise InputError(str(exc).replace(str(tmp), str(out))) from None
+        write_json(summary, tmp / "summary.json")
+        if out.exists():
+            out.rmdir()  # empty (checked above)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("imported %d images, %d captions (%d unpaired, %d skipped) in %.1f s -> %s", counts["images"],
+             counts["captions"], counts["unpaired_images"], len(skipped), time.perf_counter() - t0, out)
+    return summary
+
+
+def _import_images(src: Path, layout: str, pool: Path | None, pool_layout: str | None, tmp: Path, seed: int,
+                   fractions, skip) -> dict:
+    images = _Images(tmp / "images.parquet")
+    captions: dict[str, list] = {"text_id": [], "image_id": [], "text": []}
+    given_split: list[str | None] = []
+    seen: dict[str, str] = {}
+    sources = [(READERS[layout](src, skip), False)]
+    if pool is not None:
+        sources.append((READERS[pool_layout](pool, skip), True))
+    try:
+        for records, is_pool in sources:
+            for rec in records:
+                try:
+                    open_rgb(rec.data)
+                except ImageError as exc:
+                    skip(rec.path, str(exc))
+                    continue
+                digest = hashlib.sha256(rec.data).hexdigest()
+                if is_pool and digest in seen:  # the same file already imported (paired or pool)
+                    skip(rec.path, f"already imported (same bytes as {seen[digest]})")
+                    continue
+                seen.setdefault(digest, rec.path)
+                if is_pool:
+                    rec.captions, rec.split = [], None
+                image_id = images.add(rec)
+                given_split.append(rec.split)
+                for text in rec.captions:
+                    captions["text_id"].append(len(captions["text_id"]))
+                    captions["image_id"].append(image_id)
+                    captions["text"].append(text)
+    finally:
+        images.close()
+    if not images.ids:
+        raise InputError(f"{src}: no readable image was found")
+    write_parquet(pa.table(captions, schema=pa.schema([("text_id", pa.int64()), ("image_id", pa.int64()),
+                                                      ("text", pa.string())])), tmp / "captions.parquet")
+    ids = np.asarray(images.ids, np.int64)
+    captioned = np.isin(ids, captions["image_id"])
+    split = _splits(ids, captioned, images.groups, given_split, seed, fractions, images.paths)
+    write_parquet(pa.table({"image_id": ids, "split": split}), tmp / "split.parquet")
+    return {"images": len(ids), "captions": len(captions["text_id"]), "unpaired_images": int((~captioned).sum())}
+
+
+def _splits(ids: np.ndarray, captioned: np.ndarray, groups: list, given: list, seed: int, fractions,
+            paths: list[str]) -> list[str]:
+    """Given splits (all captioned images have one, or none has; unpaired images are always train),
+    else a seeded split by group (an image without a group is its own group)."""
+    has_split = [g is not None for g, c in zip(given, captioned) if c]
+    if any(has_split) and not all(has_split):
+        first = next(p for p, g, c in zip(paths, given, captioned) if c and g is None)
+        raise InputError(f"{first}: has no split while other images have one (give every captioned image a "
+                         f"split, or none for a seeded split)")
+    keys = [g if g is not None else f"image:{i}" for i, g in zip(ids.tolist(), groups)]
+    hashed = assign_split(keys, seed, fractions)
+    out = ["train" if not has else (given[i] or hashed[i]) for i, has in enumerate(captioned)]
+    if not any(has_split):
+        for name in ("val", "test"):
+            if name not in {s for s, has in zip(out, captioned) if has}:
+                n = len({k for k, has in zip(keys, captioned) if has})
+                raise InputError(f"the seeded split (seed {seed}, fractions {list(fractions)}) put no captioned image "
+                                 f"in {name}: {n} group(s) are too few; give a split column, more groups, or another "
+                                 f"--seed / --fractions")
+    return out
+
+
+def _import_embeddings(src: Path, tmp: Path, seed: int, fractions) -> dict:
+    """images.parquet (image_id, embedding, optional group/split) and captions.parquet (image_id,
+    embedding, optional text_id/text) of precomputed features, copied into the contract."""
+    img_path, cap_path = src / "images.parquet", src / "captions.parquet"
+    images = pq.read_table(img_path)
+    for c in ("image_id", "embedding"):
+        if c not in images.column_names:
+            raise InputError(f"{img_path}: missing column '{c}' (has {', '.join(images.column_names)})")
+    if not cap_path.exists():
+        raise InputError(f"{cap_path}: missing (precomputed text embeddings: image_id, embedding[, text])")
+    caps = pq.read_table(cap_path)
+    for c in ("image_id", "embedding"):
+        if c not in caps.column_names:
+            raise InputError(f"{cap_path}: missing column '{c}' (has {', '.join(caps.column_names)})")
+    ids = images["image_id"].to_numpy().astype(np.int64)
+    groups = images["group"].to_pylist() if "group" in images.column_names else [None] * len(ids)
+    given = ([_split(v, f"{img_path}: row {r}") for r, v in enumerate(images["split"].to_pylist())]
+             if "split" in images.column_names else [None] * len(ids))
+    keep = [c for c in ("image_id", "embedding", "group") if c in images.column_names]
+    write_parquet(images.select(keep), tmp / "images.parquet", row_group_size=4096)
+    if "text_id" not in caps.column_names:
+        caps = caps.append_column("text_id", pa.array(np.arange(caps.num_rows, dtype=np.int64)))
+    keep = [c for c in ("text_id", "image_id", "text", "embedding") if c in caps.column_names]
+    write_parquet(caps.select(keep), tmp / "captions.parquet", row_group_size=4096)
+    captioned = np.isin(ids, caps["image_id"].to_numpy())
+    split = _splits(ids, captioned, groups, given, seed, fractions, [f"{img_path}: row {r}" for r in range(len(ids))])
+    write_parquet(pa.table({"image_id": ids, "split": split}), tmp / "split.parquet")
+    return {"images": len(ids), "captions": caps.num_rows, "unpaired_images": int((~captioned).sum())}

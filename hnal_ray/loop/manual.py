@@ -1,0 +1,284 @@
+"""The human annotation round trip: selected images out for people to caption (a CSV/JSONL to fill
+in, an HTML contact sheet, a Label Studio import), their captions back in, validated.
+
+Accepted back: a Label Studio JSON export (image-captioning tasks made from our import file), a CSV
+(`image_id,caption`) or JSONL (`{"image_id": .., "caption": ..}` or `"captions": [..]`); several
+captions per image are several rows (or a list). Unknown or unselected ids, empty captions and
+repeated captions are one error naming the file and line; a batch with uncaptioned images is an
+error unless imported as partial (the uncaptioned images go back to the pool).
+"""
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from hnal_ray.data.contract import image_column
+from hnal_ray.data.images import ImageError, thumbnail_png
+from hnal_ray.io import InputError, write_json, write_parquet
+
+log = logging.getLogger(__name__)
+LABEL_STUDIO_CONFIG = """<View>
+  <Image name="image" value="$image" maxWidth="512px"/>
+  <Header value="Describe the image: one caption per submission, several are welcome"/>
+  <TextArea name="caption" toName="image" editable="true" maxSubmissions="10" rows="2" required="true"/>
+</View>
+"""
+ANNOTATIONS = pa.schema([("text_id", pa.int64()), ("image_id", pa.int64()), ("text", pa.string())])
+
+
+@dataclass(frozen=True)
+class Caption:
+    where: str        # file and line/task, for messages
+    image_id: int
+    text: str
+
+
+# ------------------------------------------------------------------------------------ export
+
+def write_to_annotate(data_dir: str | Path, image_ids: np.ndarray, out: str | Path, title: str) -> Path:
+    """out/: selected.csv and selected.jsonl (fill in `caption`), index.html (thumbnails),
+    label_studio_tasks.json + label_studio_config.xml, README.txt. Written whole or not at all."""
+    data_dir, out = Path(data_dir), Path(out)
+    ids = np.sort(np.asarray(image_ids, np.int64))
+    schema = pq.read_schema(data_dir / "images.parquet")
+    col = image_column(schema)
+    if col is None:
+        raise InputError(f"{data_dir}/images.parquet: holds embeddings, not images: nothing to show annotators")
+    cols = ["image_id", col] + (["path"] if "path" in schema.names else [])
+    t = pq.read_table(data_dir / "images.parquet", columns=cols, filters=[("image_id", "in", ids.tolist())])
+    rows = {r["image_id"]: r for r in t.to_pylist()}
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    tasks, cards = [], []
+    with (tmp / "selected.csv").open("w", newline="") as fcsv, (tmp / "selected.jsonl").open("w") as fjson:
+        w = csv.writer(fcsv)
+        w.writerow(["image_id", "path", "caption"])
+        for i in ids.tolist():
+            path = rows[i].get("path") or ""
+            w.writerow([i, path, ""])
+            fjson.write(json.dumps({"image_id": i, "path": path, "caption": ""}) + "\n")
+            try:
+                thumb = base64.b64encode(thumbnail_png(rows[i][col], 384)).decode()
+            except ImageError:
+                thumb = ""
+            tasks.append({"data": {"image": f"data:image/png;base64,{thumb}", "image_id": i, "path": path}})
+            cards.append(f"<figure><img src='data:image/png;base64,{thumb}' loading='lazy'>"
+                         f"<figcaption><b>{i}</b> {html.escape(Path(path).name)}</figcaption></figure>")
+    (tmp / "label_studio_tasks.json").write_text(json.dumps(tasks))
+    (tmp / "label_studio_config.xml").write_text(LABEL_STUDIO_CONFIG)
+    (tmp / "index.html").write_text(
+        f"<!doctype html><meta charset='utf-8'><title>{html.escape(title)}</title><style>body{{font-family:sans-serif}}"
+        "figure{display:inline-block;margin:6px;width:200px;vertical-align:top}img{max-width:200px;max-height:200px}"
+        f"</style><h1>{html.escape(title)}</h1><p>{len(ids)} images to caption. Write captions in selected.csv "
+        "(one row per caption; copy a row for a second caption), or import label_studio_tasks.json into Label "
+        "Studio with label_studio_config.xml and export JSON.</p>" + "".join(cards))
+    (tmp / "README.txt").write_text(
+        f"{title}\n\n{len(ids)} images to caption (ids in selected.csv; thumbnails in index.html).\n"
+        "Either fill the caption column of selected.csv (or selected.jsonl): one caption per row, copy a row\n"
+        "for more captions of the same image; or create a Label Studio project with label_studio_config.xml,\n"
+        "import label_studio_tasks.json, annotate, and export as JSON. Then:\n"
+        "  hnal annotations import FILE --run RUN_DIR\n")
+    if out.exists():
+        import shutil
+
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return out
+
+
+# ------------------------------------------------------------------------------------ import
+
+def read_captions(path: str | Path) -> list[Caption]:
+    """Captions from a Label Studio JSON export, a CSV or a JSONL file (by extension)."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: no such file")
+    if path.suffix == ".csv":
+        return _read_csv(path)
+    if path.suffix == ".jsonl":
+        return _read_jsonl(path)
+    if path.suffix == ".json":
+        return _read_label_studio(path)
+    raise InputError(f"{path}: expected a .csv, .jsonl or Label Studio .json export")
+
+
+def _image_id(value, where: str) -> int:
+    try:
+        if isinstance(value, bool):
+            raise ValueError
+        out = int(value)
+        if isinstance(value, float) and out != value:
+            raise ValueError
+        return out
+    except (TypeError, ValueError):
+        raise InputError(f"{where}: image_id {value!r} is not an integer") from None
+
+
+def _read_csv(path: Path) -> list[Caption]:
+    with path.open(newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        names = reader.fieldnames or []
+        text_col = next((c for c in ("caption", "text") if c in names), None)
+        if "image_id" not in names or text_col is None:
+            raise InputError(f"{path}: needs columns image_id and caption (has {', '.join(names) or 'none'})")
+        return [Caption(f"{path}: line {n}", _image_id(row["image_id"], f"{path}: line {n}"), row[text_col] or "")
+                for n, row in enumerate(reader, start=2)]
+
+
+def _read_jsonl(path: Path) -> list[Caption]:
+    out = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"{path}: line {n}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise InputError(f"{where}: not valid JSON ({exc.msg})") from None
+        if not isinstance(row, dict) or "image_id" not in row:
+            raise InputError(f"{where}: expected an object with image_id and caption")
+        texts = row.get("captions", row.get("caption", row.get("text", "")))
+        for text in texts if isinstance(texts, list) else [texts]:
+            out.append(Caption(where, _image_id(row["image_id"], where), text if isinstance(text, str) else ""))
+    return out
+
+
+def _read_label_studio(path: Path) -> list[Caption]:
+    try:
+        tasks = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    if not isinstance(tasks, list):
+        raise InputError(f"{path}: expected a Label Studio JSON export (a list of tasks)")
+    out = []
+    for n, task in enumerate(tasks):
+        where = f"{path}: task {n}" + (f" (id {task.get('id')})" if isinstance(task, dict) and "id" in task else "")
+        if not isinstance(task, dict) or "image_id" not in (task.get("data") or {}):
+            raise InputError(f"{where}: no data.image_id (was the project made from label_studio_tasks.json?)")
+        image_id = _image_id(task["data"]["image_id"], where)
+        texts = [t for a in task.get("annotations") or [] if not a.get("was_cancelled")
+                 for r in a.get("result") or [] if r.get("type") == "textarea"
+                 for t in _as_list((r.get("value") or {}).get("text"))]
+        out += [Caption(where, image_id, t) for t in texts]  # a task nobody captioned: not annotated
+    return out
+
+
+def _as_list(v) -> list[str]:
+    return [x for x in (v if isinstance(v, list) else [v]) if isinstance(x, str)]
+
+
+def validate(captions: list[Caption], selected: np.ndarray, known: np.ndarray, partial: bool,
+             what: str) -> tuple[list[Caption], np.ndarray]:
+    """Checked captions (stripped) and the selected ids that got none. An empty caption is an error,
+    or with `partial` a row left blank; uncaptioned selected images are an error unless `partial`."""
+    sel, seen, kept = set(np.asarray(selected).tolist()), {}, []
+    known = set(np.asarray(known).tolist())
+    for c in captions:
+        if c.image_id not in known:
+            raise InputError(f"{c.where}: image_id {c.image_id} is not an image of the data set")
+        if c.image_id not in sel:
+            raise InputError(f"{c.where}: image_id {c.image_id} was not selected for annotation in {what}")
+        text = " ".join(c.text.split())
+        if not text:
+            if partial:
+                continue
+            raise InputError(f"{c.where}: empty caption for image_id {c.image_id} (fill it, delete the row, "
+                             f"or import with --partial)")
+        key = (c.image_id, text.casefold())
+        if key in seen:
+            raise InputError(f"{c.where}: repeats the caption of {seen[key]} for image_id {c.image_id}")
+        seen[key] = c.where
+        kept.append(Caption(c.where, c.image_id, text))
+    missing = np.setdiff1d(np.asarray(selected, np.int64), [c.image_id for c in kept])
+    if len(missing) and not partial:
+        raise InputError(f"{len(missing)} of {len(sel)} images selected in {what} have no caption (ids "
+                         f"{missing[:10].tolist()}{' ...' if len(missing) > 10 else ''}): caption them, or import "
+                         f"with --partial to add the {len(sel) - len(missing)} captioned ones (the rest go back to the pool)")
+    if not kept:
+        raise InputError(f"no caption in the file for the images selected in {what}")
+    return kept, missing
+
+
+def captions_table(kept: list[Caption], first_text_id: int) -> pa.Table:
+    kept = sorted(kept, key=lambda c: c.image_id)  # stable: file order within an image
+    return pa.table({"text_id": np.arange(first_text_id, first_text_id + len(kept), dtype=np.int64),
+                     "image_id": np.asarray([c.image_id for c in kept], np.int64),
+                     "text": [c.text for c in kept]}, schema=ANNOTATIONS)
+
+
+# ------------------------------------------------------------------------------------ rounds of a run
+
+def pending_rounds(run: Path) -> list[Path]:
+    """Round folders of a run that wait for captions: selection exported, nothing imported yet."""
+    return sorted(p.parent for p in Path(run).glob("*/seed-*/round-*/pending.json")
+                  if not (p.parent / "annotations.parquet").exists() and not (p.parent / "state.json").exists())
+
+
+def next_text_id(data_dir: Path, run: Path) -> int:
+    """One past the largest text id of the data set and of every caption imported into the run."""
+    ids = [pq.read_table(Path(data_dir) / "captions.parquet", columns=["text_id"])["text_id"].to_numpy()]
+    ids += [pq.read_table(f, columns=["text_id"])["text_id"].to_numpy()
+            for f in Path(run).glob("*/seed-*/round-*/annotations.parquet")]
+    return int(max((x.max() for x in ids if len(x)), default=-1)) + 1
+
+
+def import_annotations(file: str | Path, run: str | Path, partial: bool = False, round_dir: str | None = None) -> dict:
+    """Captions of `file` into the pending round of run `run` they belong to (its annotations.parquet);
+    the next `hnal loop` continues from there. Returns what was imported."""
+    run = Path(run)
+    if not (run / "config.json").is_file():
+        raise InputError(f"{run}: not a loop run folder (no config.json)")
+    pending = [run / round_dir] if round_dir else pending_rounds(run)
+    if not pending or not (pending[0] / "pending.json").is_file():
+        raise InputError(f"{run}: no round waits for annotation" + (f" at {round_dir}" if round_dir else ""))
+    captions = read_captions(file)
+    ids = {c.image_id for c in captions}
+    selections = {d: np.asarray(json.loads((d / "pending.json").read_text())["selected"], np.int64) for d in pending}
+    # the round whose selection holds the most of the file's ids (then validated against it)
+    overlap = {d: len(ids & set(sel.tolist())) for d, sel in selections.items()}
+    best = max(overlap.values())
+    matching = [d for d, n in overlap.items() if n == best]
+    if len(matching) > 1:
+        names = ", ".join(str(d.relative_to(run)) for d in matching)
+        raise InputError(f"{file}: fits several waiting rounds equally ({names}): name one with --round")
+    target = matching[0]
+    if (target / "annotations.parquet").exists():
+        raise InputError(f"{target}: captions were imported already")
+    data_dir = Path(json.loads((target / "pending.json").read_text())["data"])
+    known = pq.read_table(data_dir / "images.parquet", columns=["image_id"])["image_id"].to_numpy()
+    what = str(target.relative_to(run))
+    kept, missing = validate(captions, selections[target], known, partial, what)
+    table = captions_table(kept, next_text_id(data_dir, run))
+    write_parquet(table, target / "annotations.parquet")
+    info = {"file": str(Path(file).resolve()), "round": what, "captions": table.num_rows,
+            "images": int(len(np.unique(table["image_id"].to_numpy()))), "uncaptioned": missing.tolist(),
+            "partial": bool(len(missing))}
+    write_json(info, target / "annotations.json")
+    return info
+
+
+def import_standalone(file: str | Path, selection: str | Path, data_dir: str | Path, out: str | Path,
+                      partial: bool = False) -> dict:
+    """Captions of `file` for the images of a `hnal score` selection, validated, as a captions table
+    (text_id after the data set's largest, image_id, text) at `out`."""
+    from hnal_ray.io import read_ids
+
+    selected = np.concatenate([part for _, part in read_ids(selection, "image_id")])
+    known = pq.read_table(Path(data_dir) / "images.parquet", columns=["image_id"])["image_id"].to_numpy()
+    kept, missing = validate(read_captions(file), selected, known, partial, str(selection))
+    first = int(pq.read_table(Path(data_dir) / "captions.parquet", columns=["text_id"])["text_id"].to_numpy().max(
+        initial=-1)) + 1
+    table = captions_table(kept, first)
+    write_parquet(table, out)
+    return {"file": str(Path(file).resolve()), "out": str(out), "captions": table.num_rows,
+            "images": int(len(np.unique(table["image_id"].to_numpy()))), "uncaptioned": missing.tolist(),
+            "partial": bool(len(missing))}
