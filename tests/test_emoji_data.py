@@ -134,12 +134,12 @@ def test_split_keeps_groups_together(built):
 def test_pngs_are_rgb_72px_and_pixel_unique(built):
     _, _, tables = built
     hashes = set()
-    for png in tables.images.column("png").to_pylist():
+    for png in tables.images.column("image").to_pylist():
         with Image.open(io.BytesIO(png)) as im:
             assert im.format == "PNG" and im.mode == "RGB" and im.size == (72, 72)
             hashes.add(hashlib.sha256(im.tobytes()).hexdigest())
     assert len(hashes) == tables.images.num_rows
-    assert ed.decode_png(tables.images.column("png")[0].as_py()).shape == (72, 72, 3)
+    assert ed.decode_png(tables.images.column("image")[0].as_py()).shape == (72, 72, 3)
 
 
 def test_identical_flags_collapse_with_all_texts(built):

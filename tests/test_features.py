@@ -26,7 +26,7 @@ def test_feature_job_matches_encoders_and_is_cached(tmp_path, caplog):
     assert feats.image_feat.shape == (24, 1280) and feats.text_feat.shape == (meta["captions"], 384)
     # same numbers as the encoders called directly (features are L2-normalised on read)
     images = tables.images.sort_by("image_id")
-    direct = ImageEncoder(torch.device("cpu")).encode(images["png"].to_pylist())
+    direct = ImageEncoder(torch.device("cpu")).encode(images["image"].to_pylist())
     direct /= np.linalg.norm(direct, axis=1, keepdims=True)
     np.testing.assert_allclose(feats.image_feat, direct, atol=1e-4)
     caps = tables.captions.sort_by("text_id")

@@ -2,7 +2,7 @@
 `check_data_dir`, which validates a folder against it with one error naming the file, column and row.
 
   images.parquet    image_id int64 (unique), image binary (encoded, any format Pillow reads; the
-                    emoji set's older name `png` is read the same) or embedding list<float>
+                    name `png` of older emoji builds is read the same) or embedding list<float>
                     (precomputed features); optional group string, path string
   captions.parquet  text_id int64 (unique), image_id int64 (an image above), text string (not
                     empty; optional with precomputed embeddings), optional embedding list<float>

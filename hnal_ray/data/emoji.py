@@ -35,7 +35,7 @@ VARIATION_SELECTOR = 0xFE0F
 SKIN_TONES = frozenset(range(0x1F3FB, 0x1F400))
 BUILDER = "hnal data emoji"
 ROW_GROUP = 256  # rows per Parquet row group: readers can stream and split the tables
-IMAGES_SCHEMA = pa.schema([("image_id", pa.int64()), ("png", pa.binary()), ("group", pa.string())])
+IMAGES_SCHEMA = pa.schema([("image_id", pa.int64()), ("image", pa.binary()), ("group", pa.string())])
 CAPTIONS_SCHEMA = pa.schema([("text_id", pa.int64()), ("image_id", pa.int64()), ("text", pa.string())])
 SPLIT_SCHEMA = pa.schema([("image_id", pa.int64()), ("split", pa.string())])
 ATTRIBUTION = """\
@@ -50,7 +50,7 @@ replaced by spaces.
 
 
 class EmojiTables(NamedTuple):
-    """images: image_id, png, group; captions: text_id, image_id, text; split: image_id, split."""
+    """images: image_id, image (PNG bytes), group; captions: text_id, image_id, text; split: image_id, split."""
 
     images: pa.Table
     captions: pa.Table
@@ -195,7 +195,7 @@ def to_tables(images: list[EmojiImage], seed: int, fractions: tuple[float, float
     owners = np.repeat(image_ids, [len(im.texts) for im in images])
     texts = [t for im in images for t in im.texts]
     return EmojiTables(
-        images=pa.table({"image_id": image_ids, "png": [im.png for im in images],
+        images=pa.table({"image_id": image_ids, "image": [im.png for im in images],
                          "group": [im.group for im in images]}, schema=IMAGES_SCHEMA),
         captions=pa.table({"text_id": np.arange(len(texts), dtype=np.int64), "image_id": owners,
                            "text": texts}, schema=CAPTIONS_SCHEMA),
