@@ -42,13 +42,15 @@ def select(paired_images: TableLike, paired_texts: TableLike, pool: TableLike, b
            threshold_batch: int | None = None, side: str = "image", seed: int = 0, shards: int = 0,
            address: str | None = None, device: str = "auto", block_pool: int = 4096, block_anchor: int = 1024,
            clusters: int = 0, quota: str = "equal", within: str = "hardest", cluster_sample: int = 20000,
-           wait: bool = False, out: str | os.PathLike | None = None) -> Selection:
+           wait: bool = False, out: str | os.PathLike | None = None, shard_rows: int = 1_000_000,
+           stream_rows: int = 65536) -> Selection:
     """Score `pool` against the paired set and select the top `budget` items (`hnal score`).
 
     Each input is a Parquet path (file or directory), a pyarrow Table, or a mapping of column name
     to array in the input contract, e.g. `{"image_id": ids, "embedding": emb}` with `emb` an
     (n, d) array (see README, `hnal score`). `shards=0` runs in this process; `shards=N` runs N Ray
-    actors (on `address`, RAY_ADDRESS, or an embedded Ray). With `out` the outputs are kept there
+    actors (on `address`, RAY_ADDRESS, or an embedded Ray) that take shards of `shard_rows` rows
+    from a queue, each streamed from Parquet `stream_rows` rows at a time. With `out` the outputs are kept there
     (a finished run with the same inputs, by content, is skipped before Ray starts; one run at a
     time writes an `out`, `wait` waits for another instead of refusing); without it they are
     returned only.
@@ -58,7 +60,8 @@ def select(paired_images: TableLike, paired_texts: TableLike, pool: TableLike, b
     cfg = ScoreConfig(budget=budget, strategy=strategy, weight=weight, k=k, threshold_batch=threshold_batch,
                       side=side, seed=seed, shards=shards, address=address, device=device,
                       block_pool=block_pool, block_anchor=block_anchor, clusters=clusters, quota=quota,
-                      within=within, cluster_sample=cluster_sample, wait=wait)
+                      within=within, cluster_sample=cluster_sample, wait=wait, shard_rows=shard_rows,
+                      stream_rows=stream_rows)
     scratch = Path(tempfile.mkdtemp(prefix="hnal-select-"))
     try:
         named = {}

@@ -34,7 +34,9 @@ class ScoreConfig:
     threshold_batch: int | None = None
     side: str = "image"
     seed: int = 0
-    shards: int = 0            # 0 = in-process (no Ray); N >= 1 = N Ray actors
+    shards: int = 0            # 0 = in-process (no Ray); N >= 1 = N Ray actors taking shards from a queue
+    shard_rows: int = 1_000_000  # pool (and paired-key) rows per shard: the unit of work, retry and resume
+    stream_rows: int = 65536   # rows a worker reads from Parquet at a time
     address: str | None = None  # Ray cluster address; None = RAY_ADDRESS or an embedded Ray
     device: str = "auto"
     block_pool: int = 4096
@@ -56,6 +58,7 @@ class ScoreConfig:
             (self.threshold_batch is None or self.threshold_batch >= 2,
              f"--threshold-batch must be 'full' or an integer >= 2, got {self.threshold_batch}"),
             (self.shards >= 0, f"--shards must be >= 0, got {self.shards}"),
+            (self.shard_rows >= 1 and self.stream_rows >= 1, "--shard-rows and --stream-rows must be >= 1"),
             (self.block_pool >= 1 and self.block_anchor >= 1, "block sizes must be >= 1"),
             (self.clusters >= 0, f"--clusters must be >= 0, got {self.clusters}"),
             (self.quota in QUOTAS, f"--quota must be one of {QUOTAS}, got {self.quota!r}"),
@@ -74,6 +77,6 @@ class ScoreConfig:
     def result_fields(self) -> dict:
         """The fields that decide the result (not where or how it is computed)."""
         d = dataclasses.asdict(self)
-        for f in ("shards", "address", "device", "block_pool", "block_anchor", "wait"):
+        for f in ("shards", "shard_rows", "stream_rows", "address", "device", "block_pool", "block_anchor", "wait"):
             d.pop(f)
         return d

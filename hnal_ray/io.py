@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 
@@ -98,7 +99,7 @@ def _embedding_column(f: Path, table: pa.Table, row0: int, dim: int | None) -> n
         raise InputError(f"{f}: column 'embedding' row {row0 + bad} is null")
     if n == 0:
         return np.zeros((0, dim or 0), np.float32)
-    lengths = pa.compute.list_value_length(col).to_numpy()
+    lengths = pc.list_value_length(col).to_numpy()
     want = dim if dim is not None else int(lengths[0])
     off = np.flatnonzero(lengths != want)
     if len(off):
@@ -107,7 +108,7 @@ def _embedding_column(f: Path, table: pa.Table, row0: int, dim: int | None) -> n
                          + ("" if dim is None else " (the dimension of the other inputs)"))
     if want == 0:
         raise InputError(f"{f}: column 'embedding' has zero-length vectors")
-    values = pa.compute.list_flatten(col).to_numpy(zero_copy_only=False)
+    values = pc.list_flatten(col).to_numpy(zero_copy_only=False)
     emb = np.asarray(values, dtype=np.float32).reshape(n, want)
     finite = np.isfinite(emb).all(axis=1)
     if not finite.all():
@@ -151,6 +152,88 @@ def read_embeddings(path: str | os.PathLike, id_column: str, owner_column: str |
     emb = np.concatenate([e.reshape(-1, d) for e in embs]) if d else np.zeros((0, 0), np.float32)
     return EmbeddingTable(str(path), np.concatenate(ids), emb,
                           np.concatenate(owners) if owner_column else None)
+
+
+def row_group_starts(path: str | os.PathLike) -> np.ndarray:
+    """Global row number at which each row group of the table starts, plus the total at the end
+    (footers only): where a table can be cut without two readers decoding the same group."""
+    starts, pos = [], 0
+    for f, _ in row_counts(path):
+        md = _open(f).metadata
+        for g in range(md.num_row_groups):
+            starts.append(pos)
+            pos += md.row_group(g).num_rows
+    return np.asarray(starts + [pos], np.int64)
+
+
+def iter_embeddings(path: str | os.PathLike, id_column: str, owner_column: str | None = None,
+                    dim: int | None = None, start: int = 0, stop: int | None = None,
+                    batch_rows: int = 65536):
+    """Rows [start, stop) of an embedding table as EmbeddingTable chunks of at most `batch_rows`
+    rows, validated and L2-normalised like `read_embeddings`; memory is set by `batch_rows` (and the
+    files' pages), never by the range. Only row groups overlapping the range are read."""
+    columns = [id_column] + ([owner_column] if owner_column else []) + ["embedding"]
+    offset = 0
+    for f, n in row_counts(path):
+        lo, hi = max(start - offset, 0), n if stop is None else min(stop - offset, n)
+        offset += n
+        if lo >= hi:
+            continue
+        pf = _open(f)
+        _require(f, pf.schema_arrow, columns)
+        groups, first, pos = [], None, 0
+        for g in range(pf.metadata.num_row_groups):
+            m = pf.metadata.row_group(g).num_rows
+            if pos + m > lo and pos < hi:
+                groups.append(g)
+                first = pos if first is None else first
+            pos += m
+        row = first
+        try:
+            batches = pf.iter_batches(batch_size=batch_rows, row_groups=groups, columns=columns)
+            for batch in batches:
+                a, b = max(lo - row, 0), min(hi - row, batch.num_rows)
+                row0, row = row, row + batch.num_rows
+                if a >= b:
+                    if row >= hi:
+                        break
+                    continue
+                table = pa.Table.from_batches([batch.slice(a, b - a)])
+                emb = _embedding_column(f, table, row0 + a, dim)
+                dim = dim if dim is not None or len(emb) == 0 else emb.shape[1]
+                yield EmbeddingTable(str(f), _int_column(f, table, id_column, row0 + a), emb,
+                                     _int_column(f, table, owner_column, row0 + a) if owner_column else None)
+                if row >= hi:
+                    break
+        except (OSError, pa.ArrowException) as exc:
+            raise InputError(f"{f}: rows {lo}-{hi} cannot be read ({str(exc).splitlines()[0]})") from None
+
+
+def read_rows(path: str | os.PathLike, id_column: str, rows: np.ndarray, dim: int | None = None) -> EmbeddingTable:
+    """The given global rows (sorted, unique) of an embedding table, reading one row group at a time
+    and only the groups that hold some of them: a sample of a table larger than memory."""
+    rows = np.asarray(rows, np.int64)
+    ids, embs, offset = [], [], 0
+    for f, n in row_counts(path):
+        mine = rows[(rows >= offset) & (rows < offset + n)] - offset
+        offset += n
+        if not len(mine):
+            continue
+        pf = _open(f)
+        _require(f, pf.schema_arrow, [id_column, "embedding"])
+        pos = 0
+        for g in range(pf.metadata.num_row_groups):
+            m = pf.metadata.row_group(g).num_rows
+            take = mine[(mine >= pos) & (mine < pos + m)]
+            if len(take):
+                table = read_groups(f, pf, [g], [id_column, "embedding"]).take(pa.array(take - pos))
+                ids.append(_int_column(f, table, id_column, pos))
+                embs.append(_embedding_column(f, table, pos, dim))
+                dim = dim or embs[-1].shape[1]
+            pos += m
+    if not ids:
+        return EmbeddingTable(str(path), np.zeros(0, np.int64), np.zeros((0, dim or 0), np.float32))
+    return EmbeddingTable(str(path), np.concatenate(ids), np.concatenate(embs))
 
 
 def _read_range(pf_path: Path, pf: pq.ParquetFile, columns: list[str], lo: int, hi: int) -> pa.Table:

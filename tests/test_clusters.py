@@ -44,9 +44,11 @@ def test_assignment_is_row_independent_and_matches_dense():
 
 
 def job(paths, out, shards, **kw):
-    cfg = ScoreConfig(budget=kw.pop("budget", 9), strategy="cluster", shards=shards, **kw)
+    """`shards` in-process shards of the 80-row pool (0: one), streamed in blocks of 5 rows."""
+    cfg = ScoreConfig(budget=kw.pop("budget", 9), strategy="cluster", shard_rows=-(-80 // shards) if shards else 10**6,
+                      stream_rows=5, **kw)
     return run_score(ScoreInputs(str(paths["paired_images"]), str(paths["paired_texts"]), str(paths["pool"])),
-                     cfg, out, lambda specs: LocalBackend(specs, "cpu"))
+                     cfg, out, lambda: LocalBackend("cpu"))
 
 
 @pytest.mark.parametrize("within,quota,side", [("hardest", "equal", "image"), ("random", "equal", "image"),

@@ -11,6 +11,8 @@ import pytest
 from helpers import write_inputs
 from hnal_ray.cli import main
 from hnal_ray.data.synthetic import make_example
+from hnal_ray.io import row_group_starts
+from hnal_ray.score.plan import cut_rows
 
 pytestmark = [pytest.mark.ray, pytest.mark.usefixtures("local_ray")]
 ray = pytest.importorskip("ray")
@@ -46,12 +48,16 @@ def test_shards_equal_single_process(tmp_path, inputs, side, variant):
     flags = ["--side", side, "--weight", weight, "--k", k]
     single = run(inputs[side], tmp_path / "single", *flags)
     id_col = "image_id" if side == "image" else "text_id"
-    for shards in (1, 2, 3, 7):
-        out = run(inputs[side], tmp_path / f"s{shards}", *flags, "--shards", shards)
+    for actors, shard_rows in ((1, 1_000_000), (2, 21), (3, 7), (2, 5)):  # 1 to 12 shards on 1 to 3 actors
+        out = run(inputs[side], tmp_path / f"s{actors}-{shard_rows}", *flags, "--shards", actors,
+                  "--shard-rows", shard_rows, "--stream-rows", 3)
         same_outputs(single, out, id_col)
         summary = json.loads((out / "summary.json").read_text())
-        assert summary["backend"]["backend"] == "ray" and len(summary["shards"]) == shards
-        assert sum(s["rows"] for s in summary["shards"]) == 60
+        assert summary["backend"]["backend"] == "ray" and len(summary["workers"]) == actors
+        assert len(summary["shards"]) == len(cut_rows(row_group_starts(inputs[side]["pool"]), shard_rows))
+        assert sum(s["rows"] for s in summary["shards"]) == 60 and max(s["rows"] for s in summary["shards"]) <= shard_rows
+        assert sum(w["shards"] for w in summary["workers"]) == len(summary["shards"])
+        assert all(w["peak_rss_mib"] > 0 for w in summary["workers"])
         assert all(s["pairs_per_second"] > 0 for s in summary["shards"])
 
 
@@ -85,21 +91,23 @@ def test_continuous_embeddings_bit_identical(tmp_path):
     p = make_example(tmp_path / "ex", n_images=300, n_pool=3000, n_pool_texts=10, dim=48)
     paths = {"paired_images": p["paired_images"], "paired_texts": p["paired_texts"], "pool": p["pool_images"]}
     single = run(paths, tmp_path / "single", "--k", 2, budget=50)
-    same_outputs(single, run(paths, tmp_path / "s3", "--k", 2, "--shards", 3, budget=50))
+    same_outputs(single, run(paths, tmp_path / "s3", "--k", 2, "--shards", 3, "--shard-rows", 500, budget=50))
     same_outputs(run(paths, tmp_path / "r", "--strategy", "random", budget=50),
-                 run(paths, tmp_path / "r3", "--strategy", "random", "--shards", 3, budget=50))
+                 run(paths, tmp_path / "r3", "--strategy", "random", "--shards", 3, "--shard-rows", 700, budget=50))
 
 
-def test_killed_actor_is_restarted_and_output_unchanged(tmp_path, inputs, monkeypatch):
+def test_killed_actor_is_restarted_and_only_its_shard_redone(tmp_path, inputs, monkeypatch):
     single = run(inputs["image"], tmp_path / "single")
     monkeypatch.setenv("HNAL_FAIL_SHARD", "1")
-    out = run(inputs["image"], tmp_path / "faulty", "--shards", 3)
+    out = run(inputs["image"], tmp_path / "faulty", "--shards", 3, "--shard-rows", 21, "--stream-rows", 7)
     same_outputs(single, out)
     summary = json.loads((out / "summary.json").read_text())
-    started = [w["pid"] for w in summary["backend"]["workers"]]
-    finished = [s["pid"] for s in summary["shards"]]
-    assert finished[0] == started[0] and finished[2] == started[2]
-    assert finished[1] != started[1]  # shard 1 was redone by a restarted actor process
+    died = int((out / ".failed-once-1").read_text())  # the process that died in shard 1, mid-shard
+    final = {w["pid"]: w for w in summary["workers"]}
+    assert len(summary["shards"]) == 3 and died not in final
+    assert summary["shards"][1]["pid"] != died and summary["shards"][1]["pid"] in final
+    # every shard was scored once by a live worker: the others were not redone
+    assert sorted(w["shards"] for w in final.values()) == [1, 1, 1]
 
 
 def test_bad_shard_reports_one_line(tmp_path, inputs, capsys):
@@ -122,7 +130,7 @@ def test_interrupted_run_resumes_only_missing_shards(tmp_path, inputs):
     p = inputs["image"]
     undisturbed = run(p, tmp_path / "undisturbed")
     env = dict(os.environ, HNAL_FAIL_SHARD="2")
-    # the CLI's in-process mode runs one shard; the Python API runs three local shards
+    # three shards in this process, one after another
     code = subprocess.run([sys.executable, "-c", RESUME_SCRIPT, str(tmp_path / "out"), json.dumps(
         {k: str(v) for k, v in p.items()})], env=env, capture_output=True, text=True, timeout=120)
     assert code.returncode == 17, code.stderr
@@ -143,7 +151,7 @@ from hnal_ray.config import ScoreConfig, ScoreInputs
 from hnal_ray.score.job import LocalBackend, run_score
 logging.basicConfig(level=logging.INFO)
 p = json.loads(sys.argv[2])
-cfg = ScoreConfig(budget=7, shards=3)
+cfg = ScoreConfig(budget=7, shard_rows=21)  # three shards of the 60-row pool, in this process
 run_score(ScoreInputs(p["paired_images"], p["paired_texts"], p["pool"]), cfg, sys.argv[1],
-          lambda specs: LocalBackend(specs, "cpu"))
+          lambda: LocalBackend("cpu"))
 """

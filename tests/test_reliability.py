@@ -62,8 +62,8 @@ import json, sys
 from hnal_ray.config import ScoreConfig, ScoreInputs
 from hnal_ray.score.job import LocalBackend, run_score
 p = json.loads(sys.argv[2])
-run_score(ScoreInputs(p["paired_images"], p["paired_texts"], p["pool"]), ScoreConfig(budget=7, shards=3), sys.argv[1],
-          lambda specs: LocalBackend(specs, "cpu"))
+run_score(ScoreInputs(p["paired_images"], p["paired_texts"], p["pool"]), ScoreConfig(budget=7, shard_rows=14),
+          sys.argv[1], lambda: LocalBackend("cpu"))
 """
 
 

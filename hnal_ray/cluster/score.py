@@ -1,4 +1,4 @@
-"""The scoring job on Ray: one long-lived actor per shard, fanned out and gathered by the driver."""
+"""The scoring job on Ray: N long-lived actors pull bounded shards from the driver's queue."""
 from __future__ import annotations
 
 import dataclasses
@@ -12,7 +12,7 @@ from ray.exceptions import RayTaskError
 from hnal_ray.config import ScoreConfig, ScoreInputs
 from hnal_ray.io import InputError
 from hnal_ray.score.job import run_score
-from hnal_ray.score.worker import Anchors, ScoreTask, ShardResult, ShardSpec, ShardWorker
+from hnal_ray.score.worker import Anchors, ScoreTask, ScoreWorker, ShardResult, ShardSpec
 
 from hnal_ray.cluster.session import ray_session
 
@@ -20,27 +20,22 @@ log = logging.getLogger(__name__)
 
 
 @ray.remote(max_restarts=3, max_task_retries=3)
-class ShardActor:
-    """A thin shell around ShardWorker; a restarted actor reloads its shard from the files."""
+class ScoreActor:
+    """A thin shell around ScoreWorker: takes one shard per call; a restarted actor is handed the
+    shard it died on again (max_task_retries), so only that shard is redone."""
 
-    def __init__(self, spec: ShardSpec, device: str, threads: int):
-        self.error = None
-        try:
-            self.worker = ShardWorker(spec, device, threads)
-        except InputError as exc:  # reported by info(), so the driver gets the clean message
-            self.error = exc
+    def __init__(self, device: str, threads: int):
+        self.worker = ScoreWorker(device, threads)
 
     def info(self) -> dict:
-        if self.error is not None:
-            raise self.error
         return self.worker.info() | {"node_id": ray.get_runtime_context().get_node_id()}
 
-    def threshold_part(self, anchors: Anchors, k: int) -> np.ndarray:
-        return self.worker.threshold_part(anchors, k)
+    def threshold_part(self, spec: ShardSpec, anchors: Anchors, k: int, stream_rows: int) -> np.ndarray:
+        return self.worker.threshold_part(spec, anchors, k, stream_rows)
 
-    def score(self, task: ScoreTask, anchors: Anchors | None, thresholds: np.ndarray | None,
+    def score(self, spec: ShardSpec, task: ScoreTask, anchors: Anchors | None, thresholds: np.ndarray | None,
               part_path: str) -> ShardResult:
-        res = self.worker.score(task, anchors, thresholds, part_path)
+        res = self.worker.score(spec, task, anchors, thresholds, part_path)
         return dataclasses.replace(res, node=ray.get_runtime_context().get_node_id())
 
 
@@ -66,17 +61,18 @@ def actor_resources(cfg: ScoreConfig, n_shards: int) -> dict:
 
 
 class RayBackend:
-    """Shard workers as Ray actors; large shared inputs are put in the object store once."""
+    """N actors and a queue of shards: each actor is handed the next shard when it finishes one, so a
+    slow actor takes fewer, an actor that arrives late (autoscaling) takes its share, and the
+    driver holds no pool rows. Large shared inputs are put in the object store once."""
 
-    def __init__(self, specs: list[ShardSpec], cfg: ScoreConfig):
-        opts = actor_resources(cfg, len(specs))
+    def __init__(self, n_actors: int, cfg: ScoreConfig):
+        opts = actor_resources(cfg, n_actors)
         threads = max(1, math.floor(opts["num_cpus"]))
         device = "cuda" if opts.get("num_gpus") else "cpu"
-        self.actors = [ShardActor.options(**opts, scheduling_strategy="SPREAD").remote(s, device, threads)
-                       for s in specs]
-        self.infos = _get([a.info.remote() for a in self.actors])
-        log.info("%d shard actors ready (%s each)", len(self.actors), opts)
-        self._refs: dict[int, ray.ObjectRef] = {}
+        self.actors = [ScoreActor.options(**opts, scheduling_strategy="SPREAD").remote(device, threads)
+                       for _ in range(n_actors)]
+        log.info("%d score actors requested (%s each)", n_actors, opts)
+        self._refs: dict[int, tuple] = {}
 
     def _put(self, x):
         """ray.put a shared input once, however many calls pass it."""
@@ -86,20 +82,28 @@ class RayBackend:
             self._refs[id(x)] = (ray.put(x), x)
         return self._refs[id(x)][0]
 
-    def threshold_parts(self, anchors: Anchors, k: int) -> list[np.ndarray]:
+    def _queue(self, method: str, calls: list[tuple]):
+        """Run `method(*args)` for each args tuple on whichever actor is free; yield results as they finish."""
+        queue, free, pending = list(calls), list(self.actors), {}
+        while queue or pending:
+            while queue and free:
+                actor = free.pop(0)
+                pending[getattr(actor, method).remote(*queue.pop(0))] = actor
+            done, _ = ray.wait(list(pending), num_returns=1)
+            free.append(pending.pop(done[0]))
+            yield _get(done[0])
+
+    def threshold_parts(self, shards, anchors, k, stream_rows):
         ref = self._put(anchors)
-        return _get([a.threshold_part.remote(ref, k) for a in self.actors])
+        return list(self._queue("threshold_part", [(s, ref, k, stream_rows) for s in shards]))
 
     def score(self, shards, tasks, anchors, thresholds, part_paths):
         a_ref, t_ref = self._put(anchors), self._put(thresholds)
-        pending = [self.actors[i].score.remote(task, a_ref, t_ref, path)
-                   for i, task, path in zip(shards, tasks, part_paths)]
-        while pending:
-            done, pending = ray.wait(pending, num_returns=1)
-            yield _get(done[0])
+        yield from self._queue("score", [(s, task, a_ref, t_ref, path)
+                                         for s, task, path in zip(shards, tasks, part_paths)])
 
     def info(self) -> dict:
-        return {"backend": "ray", "workers": self.infos}
+        return {"backend": "ray", "workers": _get([a.info.remote() for a in self.actors])}
 
     def close(self) -> None:
         for a in self.actors:
@@ -110,4 +114,4 @@ class RayBackend:
 def run_score_on_ray(inputs: ScoreInputs, cfg: ScoreConfig, out_dir) -> dict:
     """`hnal score --shards N`: the same job, with N actors on a connected or embedded Ray."""
     with ray_session(cfg.address):
-        return run_score(inputs, cfg, out_dir, lambda specs: RayBackend(specs, cfg))
+        return run_score(inputs, cfg, out_dir, lambda: RayBackend(cfg.shards, cfg))

@@ -25,49 +25,51 @@ from hnal_ray.score.baselines import coreset_select, random_keys
 from hnal_ray.score.clusters import kmeans, quota_select
 from hnal_ray.config import ScoreConfig, ScoreInputs
 from hnal_ray.device import pick_device
-from hnal_ray.io import read_embeddings, write_json, write_parquet
+from hnal_ray.io import read_embeddings, read_ids, read_rows, write_json, write_parquet
 from hnal_ray.score.outdir import check_out, out_lock
-from hnal_ray.score.plan import Plan, check_inputs, input_fingerprint, load_keys_sorted, shard_specs
+from hnal_ray.score.plan import Plan, check_inputs, input_fingerprint, key_shards, load_keys_sorted, pool_shards
 from hnal_ray.score.selection import Ranked, merge_top, select_top
 from hnal_ray.score.thresholds import kth, merge_topk, minibatch_thresholds
-from hnal_ray.score.worker import Anchors, ScoreTask, ShardResult, ShardSpec, ShardWorker, score_table
+from hnal_ray.score.worker import Anchors, ScoreTask, ScoreWorker, ShardResult, ShardSpec, score_table
 
 log = logging.getLogger(__name__)
 
 
 class Backend(Protocol):
-    def threshold_parts(self, anchors: Anchors, k: int) -> list[np.ndarray]: ...
-    def score(self, shards: list[int], tasks: list[ScoreTask], anchors: Anchors | None,
+    def threshold_parts(self, shards: list[ShardSpec], anchors: Anchors, k: int,
+                        stream_rows: int) -> list[np.ndarray]: ...
+    def score(self, shards: list[ShardSpec], tasks: list[ScoreTask], anchors: Anchors | None,
               thresholds: np.ndarray | None, part_paths: list[str]) -> Iterator[ShardResult]:
-        """Score the given shards (task and output path per shard); yield results as they finish."""
+        """Score the given pool shards (task and output path per shard); yield results as they finish."""
     def info(self) -> dict: ...
     def close(self) -> None: ...
 
 
 class LocalBackend:
-    """The sequential backend: the same shard workers, called in this process."""
+    """The sequential backend: one worker, in this process, takes the shards in order."""
 
-    def __init__(self, specs: list[ShardSpec], device: str):
-        self.workers = [ShardWorker(s, device) for s in specs]
+    def __init__(self, device: str):
+        self.worker = ScoreWorker(device)
 
-    def threshold_parts(self, anchors, k):
-        return [w.threshold_part(anchors, k) for w in self.workers]
+    def threshold_parts(self, shards, anchors, k, stream_rows):
+        return [self.worker.threshold_part(s, anchors, k, stream_rows) for s in shards]
 
     def score(self, shards, tasks, anchors, thresholds, part_paths):
-        for i, task, path in zip(shards, tasks, part_paths):
-            yield self.workers[i].score(task, anchors, thresholds, path)
+        for spec, task, path in zip(shards, tasks, part_paths):
+            yield self.worker.score(spec, task, anchors, thresholds, path)
 
     def info(self):
-        return {"backend": "local", "workers": [w.info() for w in self.workers]}
+        return {"backend": "local", "workers": [self.worker.info()]}
 
     def close(self):
-        self.workers = []
+        pass
 
 
 def run_key(inputs: ScoreInputs, cfg: ScoreConfig) -> str:
     """Content fingerprint of the inputs and the config (not where or how patiently it runs)."""
     blob = json.dumps({"inputs": input_fingerprint(inputs),
-                       "config": dataclasses.asdict(cfg) | {"address": None, "wait": None}, "version": 2},
+                       "config": dataclasses.asdict(cfg) | {"address": None, "wait": None, "stream_rows": None},
+                       "version": 3},
                       sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -100,27 +102,27 @@ def _run_locked(inputs: ScoreInputs, cfg: ScoreConfig, out: Path, make_backend) 
         return done
     plan = check_inputs(inputs, cfg)
     timings["check_inputs_s"] = time.perf_counter() - t0
-    n_shards = max(cfg.shards, 1)
-    specs = shard_specs(plan, n_shards)
     if cfg.strategy == "coreset":
         return _run_coreset(inputs, cfg, plan, out, key, t0, timings)
+    specs = pool_shards(plan, cfg.shard_rows)
+    n_shards = len(specs)
     t = time.perf_counter()
-    backend = (make_backend or (lambda s: LocalBackend(s, cfg.device)))(specs)  # workers load + validate here
+    backend = (make_backend or (lambda: LocalBackend(cfg.device)))()
     try:
-        timings["load_s"] = time.perf_counter() - t
+        timings["start_s"] = time.perf_counter() - t
         work = _work_dir(out, key)
         manifest = json.loads((work / "manifest.json").read_text())
         thresholds = _thresholds(plan, cfg, backend, work, timings)
         centres = _centres(plan, cfg, work, timings) if cfg.strategy == "cluster" else None
         task = ScoreTask(cfg.strategy, cfg.weight, cfg.budget, cfg.seed, cfg.block_pool, cfg.block_anchor,
-                         centres=centres, within=cfg.within)
-        todo = [s.index for s in specs if not _shard_done(work, manifest, s.index)]
+                         centres=centres, within=cfg.within, stream_rows=cfg.stream_rows)
+        todo = [s for s in specs if not _shard_done(work, manifest, s.index)]
         fail = os.environ.get("HNAL_FAIL_SHARD")  # test switch: that shard's worker dies once, mid-shard
-        tasks = [dataclasses.replace(task, fail_marker=str(work / f"failed-once-{i}")) if str(i) == fail else task
-                 for i in todo]
+        tasks = [dataclasses.replace(task, fail_marker=str(out / f".failed-once-{s.index}"))
+                 if str(s.index) == fail else task for s in todo]
         t = time.perf_counter()
         results = backend.score(todo, tasks, plan.anchors if thresholds is not None else None, thresholds,
-                                [str(work / "parts" / f"part-{i:05d}.parquet") for i in todo])
+                                [str(work / "parts" / f"part-{s.index:05d}.parquet") for s in todo])
         for res in tqdm(results, total=len(todo), desc="score shards", unit="shard", disable=None):
             _record(work, manifest, res)
         timings["score_s"] = time.perf_counter() - t
@@ -144,10 +146,10 @@ def _centres(plan: Plan, cfg: ScoreConfig, work: Path, timings: dict) -> np.ndar
     if cache.exists():
         return np.load(cache)
     t = time.perf_counter()
-    pool = read_embeddings(plan.tables.pool_path, plan.tables.pool_id, dim=plan.dim)
-    rows = np.lexsort((pool.ids, random_keys(pool.ids, cfg.seed)))[: cfg.cluster_sample]
-    rows = rows[np.argsort(pool.ids[rows])]
-    centres = kmeans(pool.emb[rows], cfg.clusters or cfg.budget, cfg.seed)
+    ids = np.concatenate([part for _, part in read_ids(plan.tables.pool_path, plan.tables.pool_id)])
+    rows = np.sort(np.lexsort((ids, random_keys(ids, cfg.seed)))[: cfg.cluster_sample])
+    sample = read_rows(plan.tables.pool_path, plan.tables.pool_id, rows, plan.dim)  # only the sample's rows
+    centres = kmeans(sample.emb[np.argsort(sample.ids, kind="stable")], cfg.clusters or cfg.budget, cfg.seed)
     tmp = work / ".centres.tmp.npy"
     np.save(tmp, centres)
     os.replace(tmp, cache)
@@ -165,7 +167,8 @@ def _thresholds(plan: Plan, cfg: ScoreConfig, backend, work: Path, timings: dict
         return np.load(cache)
     t = time.perf_counter()
     if cfg.threshold_batch is None:
-        thresholds = kth(merge_topk(backend.threshold_parts(plan.anchors, cfg.k), cfg.k), cfg.k)
+        parts = backend.threshold_parts(key_shards(plan, cfg.shard_rows), plan.anchors, cfg.k, cfg.stream_rows)
+        thresholds = kth(merge_topk(parts, cfg.k), cfg.k)
     else:
         key_ids, key_group, key_emb = load_keys_sorted(plan)
         a = plan.anchors
@@ -271,6 +274,7 @@ def _finish(out, work, selection: Ranked, plan: Plan, cfg, inputs, key, t0, timi
         "timings": timings, "pairs_scored": pairs,
         "pairs_per_second": pairs / score_s if score_s else 0.0,
         "shards": shards, "backend": backend_info,
+        "workers": backend_info.get("workers", []),  # per worker process: rows, shards, peak_rss_mib
     }
     write_json(summary, out / "summary.json")
     shutil.rmtree(work, ignore_errors=True)

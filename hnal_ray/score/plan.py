@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from hnal_ray.config import ScoreConfig, ScoreInputs
-from hnal_ray.io import InputError, check_unique, read_embeddings, read_ids
+from hnal_ray.io import InputError, check_unique, read_embeddings, read_ids, row_group_starts
 from hnal_ray.score.worker import Anchors, ShardSpec
 
 
@@ -89,16 +89,36 @@ def check_inputs(inputs: ScoreInputs, cfg: ScoreConfig) -> Plan:
     return Plan(t, anchors, n_keys, n_pool, len(image_ids), n_texts, dim)
 
 
-def split_rows(n: int, parts: int) -> list[tuple[int, int]]:
-    """`parts` contiguous, balanced row ranges covering [0, n)."""
-    edges = np.linspace(0, n, parts + 1).round().astype(int)
-    return [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:])]
+def cut_rows(group_starts: np.ndarray, shard_rows: int) -> list[tuple[int, int]]:
+    """Contiguous row ranges covering the table, each at most `shard_rows` rows (and at least one),
+    cut at row-group boundaries (`group_starts`: each group's first row, then the total) so no two
+    shards decode the same group; a group larger than `shard_rows` is split evenly."""
+    out, lo = [], 0
+    n = int(group_starts[-1])
+    bounds = group_starts[1:]
+    while lo < n:
+        # the furthest group boundary within shard_rows of lo
+        i = int(np.searchsorted(bounds, lo + shard_rows, side="right")) - 1
+        hi = int(bounds[i]) if i >= 0 and bounds[i] > lo else 0
+        if hi <= lo:  # one group longer than shard_rows: even pieces of it
+            end = int(bounds[np.searchsorted(bounds, lo, side="right")])
+            pieces = -(-(end - lo) // shard_rows)
+            hi = lo + -(-(end - lo) // pieces)
+        out.append((lo, hi))
+        lo = hi
+    return out
 
 
-def shard_specs(plan: Plan, shards: int) -> list[ShardSpec]:
+def pool_shards(plan: Plan, shard_rows: int) -> list[ShardSpec]:
     t = plan.tables
-    return [ShardSpec(i, t.pool_path, t.pool_id, pr, t.key_path, t.key_id, t.key_group, kr, plan.dim)
-            for i, (pr, kr) in enumerate(zip(split_rows(plan.n_pool, shards), split_rows(plan.n_keys, shards)))]
+    return [ShardSpec(i, t.pool_path, t.pool_id, None, r, plan.dim)
+            for i, r in enumerate(cut_rows(row_group_starts(t.pool_path), shard_rows))]
+
+
+def key_shards(plan: Plan, shard_rows: int) -> list[ShardSpec]:
+    t = plan.tables
+    return [ShardSpec(i, t.key_path, t.key_id, t.key_group, r, plan.dim)
+            for i, r in enumerate(cut_rows(row_group_starts(t.key_path), shard_rows))]
 
 
 def load_keys_sorted(plan: Plan) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

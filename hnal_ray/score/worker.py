@@ -1,6 +1,8 @@
-"""One shard of a scoring job: loads its own rows from Parquet and runs the pure kernels on them.
+"""Scoring work: a worker takes shards of the pool (or of the paired keys) one after another,
+streams each from Parquet in blocks and runs the pure kernels on them.
 
-The in-process backend calls it directly; the Ray backend wraps it in an actor (hnal_ray.cluster).
+The in-process backend calls one worker directly; the Ray backend wraps one per actor
+(hnal_ray.cluster) and feeds them shards from a queue.
 """
 from __future__ import annotations
 
@@ -16,28 +18,29 @@ import pyarrow as pa
 
 from hnal_ray.score.baselines import random_keys
 from hnal_ray.score.clusters import assign, centrality, per_cluster_top
-from hnal_ray.device import pick_device, set_threads
-from hnal_ray.io import EmbeddingTable, read_embeddings, write_parquet
+from hnal_ray.device import peak_mib, pick_device, set_threads
+from hnal_ray.io import iter_embeddings, write_parquet
 from hnal_ray.score.scoring import score_pool
 from hnal_ray.score.selection import Ranked, select_top
-from hnal_ray.score.thresholds import negative_topk
+from hnal_ray.score.thresholds import merge_topk, negative_topk
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class ShardSpec:
-    """Where a shard's rows live: pool rows [pool_rows) and key rows [key_rows) of the inputs."""
+    """A bounded slice of one input table: rows [rows) of `path` (cut at row-group boundaries where
+    it can be), read in blocks by whichever worker takes it."""
 
     index: int
-    pool_path: str
-    pool_id_column: str
-    pool_rows: tuple[int, int]
-    key_path: str
-    key_id_column: str
-    key_group_column: str | None  # None: a key's group is its own id (paired images)
-    key_rows: tuple[int, int]
+    path: str
+    id_column: str
+    group_column: str | None  # keys: None = a key's group is its own id (paired images)
+    rows: tuple[int, int]
     dim: int
+
+    def __len__(self) -> int:
+        return self.rows[1] - self.rows[0]
 
 
 @dataclass(frozen=True)
@@ -60,6 +63,7 @@ class ScoreTask:
     fail_marker: str | None = None  # test switch: die once, mid-shard, if this file is absent
     centres: np.ndarray | None = None  # cluster strategy: (k, d) float64 k-means centres
     within: str = "hardest"
+    stream_rows: int = 65536        # rows read from Parquet at a time
 
 
 @dataclass(frozen=True)
@@ -75,56 +79,68 @@ class ShardResult:
     cluster_counts: np.ndarray | None = None  # cluster strategy: (k,) this shard's pool items per cluster
 
 
-class ShardWorker:
-    def __init__(self, spec: ShardSpec, device: str = "auto", threads: int | None = None):
+class ScoreWorker:
+    """Takes shards one after another (a Ray actor pulls them from the driver's queue), streaming each
+    from Parquet in blocks: its memory is set by the block sizes, the anchors and one shard's
+    per-item scores (28 bytes a row), never by the pool size."""
+
+    def __init__(self, device: str = "auto", threads: int | None = None):
         if threads:
             set_threads(threads)
-        self.spec = spec
         self.device = pick_device(device)
-        self.pool = read_embeddings(spec.pool_path, spec.pool_id_column, dim=spec.dim,
-                                    start=spec.pool_rows[0], stop=spec.pool_rows[1])
-        self.keys = read_embeddings(spec.key_path, spec.key_id_column, spec.key_group_column,
-                                    dim=spec.dim, start=spec.key_rows[0], stop=spec.key_rows[1])
+        self.rows = self.shards = 0
 
     def info(self) -> dict:
-        return {"shard": self.spec.index, "pool_rows": len(self.pool), "key_rows": len(self.keys),
-                "node": socket.gethostname(), "pid": os.getpid(), "device": str(self.device)}
+        return {"pid": os.getpid(), "node": socket.gethostname(), "device": str(self.device),
+                "rows": self.rows, "shards": self.shards, "peak_rss_mib": round(peak_mib(), 1)}
 
-    def threshold_part(self, anchors: Anchors, k: int) -> np.ndarray:
-        """(n_a, k) top-k negative similarities of each anchor among this shard's keys."""
-        keys: EmbeddingTable = self.keys
-        group = keys.owner if keys.owner is not None else keys.ids
-        return negative_topk(anchors.emb, anchors.group, keys.emb, group, k, self.device)
+    def threshold_part(self, spec: ShardSpec, anchors: Anchors, k: int, stream_rows: int = 65536) -> np.ndarray:
+        """(n_a, k) top-k negative similarities of each anchor among this key shard's rows."""
+        part = np.full((len(anchors.ids), k), -np.inf)
+        for keys in iter_embeddings(spec.path, spec.id_column, spec.group_column, spec.dim, *spec.rows, stream_rows):
+            group = keys.owner if keys.owner is not None else keys.ids
+            part = merge_topk([part, negative_topk(anchors.emb, anchors.group, keys.emb, group, k, self.device)], k)
+        return part
 
-    def score(self, task: ScoreTask, anchors: Anchors | None, thresholds: np.ndarray | None,
+    def score(self, spec: ShardSpec, task: ScoreTask, anchors: Anchors | None, thresholds: np.ndarray | None,
               part_path: str) -> ShardResult:
-        """Score this shard, write every item's score to `part_path`, return the local top-B."""
+        """Score one pool shard block by block, write every item's score to `part_path`, return the
+        shard's local top-B (per cluster for the cluster strategy)."""
         t0 = time.perf_counter()
-        ids = self.pool.ids
-        cluster = assign(self.pool.emb, task.centres) if task.strategy == "cluster" else None
-        if cluster is not None and task.within == "central":
-            scores, margin, pairs = (centrality(self.pool.emb, task.centres, cluster),
-                                     np.full(len(ids), np.nan, np.float32), 0)
-        elif task.strategy == "random" or (cluster is not None and task.within == "random"):
-            scores, margin, pairs = random_keys(ids, task.seed), np.full(len(ids), np.nan, np.float32), 0
-        else:
-            res = score_pool(self.pool.emb, anchors.emb, thresholds, task.weight, self.device,
-                             task.block_pool, task.block_anchor)
-            scores, margin, pairs = res.scores, res.max_margin, res.pairs
-        if task.fail_marker and not Path(task.fail_marker).exists():
-            Path(task.fail_marker).touch()
-            log.error("injected failure in shard %d", self.spec.index)
-            os._exit(17)
-        write_parquet(score_table(self.spec.pool_id_column, ids, scores, margin, cluster), part_path)
+        ids, scores, margins, clusters, pairs = [], [], [], [], 0
+        for block in iter_embeddings(spec.path, spec.id_column, None, spec.dim, *spec.rows, task.stream_rows):
+            s, m, c, n = self._score_block(block.ids, block.emb, task, anchors, thresholds)
+            ids.append(block.ids), scores.append(s), margins.append(m), clusters.append(c)
+            pairs += n
+            if task.fail_marker and not Path(task.fail_marker).exists():
+                Path(task.fail_marker).write_text(str(os.getpid()))
+                log.error("injected failure in shard %d", spec.index)
+                os._exit(17)
+        ids, scores, margin = np.concatenate(ids), np.concatenate(scores), np.concatenate(margins)
+        cluster = np.concatenate(clusters) if task.strategy == "cluster" else None
+        write_parquet(score_table(spec.id_column, ids, scores, margin, cluster), part_path)
         seconds = time.perf_counter() - t0
-        log.info("shard %d: %d items x %d anchors in %.2fs (%.3g pairs/s)", self.spec.index, len(ids),
+        self.rows, self.shards = self.rows + len(ids), self.shards + 1
+        log.info("shard %d: %d items x %d anchors in %.2fs (%.3g pairs/s)", spec.index, len(ids),
                  0 if anchors is None else len(anchors.ids), seconds, pairs / max(seconds, 1e-9))
         if cluster is not None:
             top, top_cluster = per_cluster_top(ids, scores, margin, cluster, task.budget)
-            return ShardResult(self.spec.index, top, len(ids), pairs, seconds, socket.gethostname(), os.getpid(),
+            return ShardResult(spec.index, top, len(ids), pairs, seconds, socket.gethostname(), os.getpid(),
                                top_cluster, np.bincount(cluster, minlength=len(task.centres)))
-        return ShardResult(self.spec.index, select_top(ids, scores, margin, task.budget), len(ids), pairs,
+        return ShardResult(spec.index, select_top(ids, scores, margin, task.budget), len(ids), pairs,
                            seconds, socket.gethostname(), os.getpid())
+
+    def _score_block(self, ids, emb, task: ScoreTask, anchors, thresholds):
+        """(scores, max_margin, cluster or None, pairs) of one block; every value is per item, so the
+        results do not depend on how the pool is cut into shards and blocks."""
+        cluster = assign(emb, task.centres) if task.strategy == "cluster" else None
+        nan = np.full(len(ids), np.nan, np.float32)
+        if cluster is not None and task.within == "central":
+            return centrality(emb, task.centres, cluster), nan, cluster, 0
+        if task.strategy == "random" or (cluster is not None and task.within == "random"):
+            return random_keys(ids, task.seed), nan, cluster, 0
+        res = score_pool(emb, anchors.emb, thresholds, task.weight, self.device, task.block_pool, task.block_anchor)
+        return res.scores, res.max_margin, cluster, res.pairs
 
 
 def score_table(id_column: str, ids: np.ndarray, scores: np.ndarray, max_margin: np.ndarray,
