@@ -53,6 +53,8 @@ def add_score_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shards", type=int, default=0, help="0: in-process; N: N Ray actors taking shards from a queue")
     p.add_argument("--shard-rows", type=int, default=1_000_000, help="rows per shard: the unit of work and retry")
     p.add_argument("--stream-rows", type=int, default=65536, help="rows read from Parquet at a time")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"],
+                   help="GEMM inputs; fp16/bf16 recompute undecided pairs in float64 (exact; for tensor cores)")
     p.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS or an embedded Ray)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--clusters", type=int, default=0, help="cluster strategy: k-means clusters (0: the budget)")
@@ -75,7 +77,7 @@ def cmd_score(a: argparse.Namespace) -> int:
                  threshold_batch=a.threshold_batch, side=a.side, seed=a.seed, shards=a.shards, address=a.address,
                  device=a.device, block_pool=a.block_pool, block_anchor=a.block_anchor, clusters=a.clusters,
                  quota=a.quota, within=a.within, cluster_sample=a.cluster_sample, wait=a.wait,
-                 out=a.out, shard_rows=a.shard_rows, stream_rows=a.stream_rows)
+                 out=a.out, shard_rows=a.shard_rows, stream_rows=a.stream_rows, precision=a.precision)
     print(json.dumps({"out": a.out, "selected": res.summary["counts"]["selected"],
                       "pairs_per_second": round(res.summary["pairs_per_second"])}))
     return 0

@@ -8,6 +8,7 @@ STRATEGIES = ("hard-negative", "random", "coreset", "cluster")
 QUOTAS = ("equal", "proportional")
 WITHIN = ("hardest", "random", "central")
 SIDES = ("image", "text")
+PRECISIONS = ("fp32", "fp16", "bf16")
 
 
 class ConfigError(ValueError):
@@ -47,6 +48,8 @@ class ScoreConfig:
                                    # control), or the most central (typical) ones
     cluster_sample: int = 20000    # cluster strategy: pool items the k-means is fitted on (seeded sample)
     wait: bool = False             # wait for another run writing the same --out instead of refusing
+    precision: str = "fp32"        # GEMM inputs: fp32, or fp16/bf16 with exact float64 recomputation of the
+                                   # pairs their error bound cannot decide (same results; for tensor cores)
 
     def __post_init__(self):
         checks = [
@@ -64,6 +67,7 @@ class ScoreConfig:
             (self.quota in QUOTAS, f"--quota must be one of {QUOTAS}, got {self.quota!r}"),
             (self.within in WITHIN, f"--within must be one of {WITHIN}, got {self.within!r}"),
             (self.cluster_sample >= 1, f"--cluster-sample must be >= 1, got {self.cluster_sample}"),
+            (self.precision in PRECISIONS, f"--precision must be one of {PRECISIONS}, got {self.precision!r}"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -77,6 +81,7 @@ class ScoreConfig:
     def result_fields(self) -> dict:
         """The fields that decide the result (not where or how it is computed)."""
         d = dataclasses.asdict(self)
-        for f in ("shards", "shard_rows", "stream_rows", "address", "device", "block_pool", "block_anchor", "wait"):
+        for f in ("shards", "shard_rows", "stream_rows", "address", "device", "block_pool", "block_anchor", "wait",
+                  "precision"):
             d.pop(f)
         return d

@@ -115,7 +115,7 @@ def _run_locked(inputs: ScoreInputs, cfg: ScoreConfig, out: Path, make_backend) 
         thresholds = _thresholds(plan, cfg, backend, work, timings)
         centres = _centres(plan, cfg, work, timings) if cfg.strategy == "cluster" else None
         task = ScoreTask(cfg.strategy, cfg.weight, cfg.budget, cfg.seed, cfg.block_pool, cfg.block_anchor,
-                         centres=centres, within=cfg.within, stream_rows=cfg.stream_rows)
+                         centres=centres, within=cfg.within, stream_rows=cfg.stream_rows, precision=cfg.precision)
         todo = [s for s in specs if not _shard_done(work, manifest, s.index)]
         fail = os.environ.get("HNAL_FAIL_SHARD")  # test switch: that shard's worker dies once, mid-shard
         tasks = [dataclasses.replace(task, fail_marker=str(out / f".failed-once-{s.index}"))
@@ -223,7 +223,7 @@ def _record(work: Path, manifest: dict, res: ShardResult) -> None:
         cols["cluster"] = res.top_cluster.astype(np.int64)
     write_parquet(pa.table(cols), work / "top" / f"part-{res.index:05d}.parquet")
     manifest["shards"][str(res.index)] = {"rows": res.rows, "pairs": res.pairs, "seconds": res.seconds,
-                                          "node": res.node, "pid": res.pid,
+                                          "node": res.node, "pid": res.pid, "pairs_recomputed": res.recomputed,
                                           "pairs_per_second": res.pairs / max(res.seconds, 1e-9)}
     if res.cluster_counts is not None:
         manifest["shards"][str(res.index)]["cluster_counts"] = res.cluster_counts.tolist()
@@ -272,6 +272,7 @@ def _finish(out, work, selection: Ranked, plan: Plan, cfg, inputs, key, t0, timi
         "counts": {"pool": plan.n_pool, "paired_images": plan.n_paired_images, "paired_texts": plan.n_paired_texts,
                    "anchors": len(plan.anchors.ids), "selected": len(selection), "dim": plan.dim},
         "timings": timings, "pairs_scored": pairs,
+        "pairs_recomputed": sum(s.get("pairs_recomputed", 0) for s in shards),  # low precision: float64 band
         "pairs_per_second": pairs / score_s if score_s else 0.0,
         "shards": shards, "backend": backend_info,
         "workers": backend_info.get("workers", []),  # per worker process: rows, shards, peak_rss_mib

@@ -15,16 +15,19 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import torch
 
 from hnal_ray.score.baselines import random_keys
 from hnal_ray.score.clusters import assign, centrality, per_cluster_top
 from hnal_ray.device import peak_mib, pick_device, set_threads
 from hnal_ray.io import iter_embeddings, write_parquet
+from hnal_ray.score.lowprec import score_pool_lowprec
 from hnal_ray.score.scoring import score_pool
 from hnal_ray.score.selection import Ranked, select_top
 from hnal_ray.score.thresholds import merge_topk, negative_topk
 
 log = logging.getLogger(__name__)
+LOW = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 @dataclass(frozen=True)
@@ -64,6 +67,7 @@ class ScoreTask:
     centres: np.ndarray | None = None  # cluster strategy: (k, d) float64 k-means centres
     within: str = "hardest"
     stream_rows: int = 65536        # rows read from Parquet at a time
+    precision: str = "fp32"         # fp16/bf16: the exact low-precision path (hnal_ray.score.lowprec)
 
 
 @dataclass(frozen=True)
@@ -77,6 +81,7 @@ class ShardResult:
     pid: int
     top_cluster: np.ndarray | None = None     # cluster strategy: the cluster of each candidate in `top`
     cluster_counts: np.ndarray | None = None  # cluster strategy: (k,) this shard's pool items per cluster
+    recomputed: int = 0                       # low precision: pairs recomputed in float64
 
 
 class ScoreWorker:
@@ -107,11 +112,11 @@ class ScoreWorker:
         """Score one pool shard block by block, write every item's score to `part_path`, return the
         shard's local top-B (per cluster for the cluster strategy)."""
         t0 = time.perf_counter()
-        ids, scores, margins, clusters, pairs = [], [], [], [], 0
+        ids, scores, margins, clusters, pairs, recomputed = [], [], [], [], 0, 0
         for block in iter_embeddings(spec.path, spec.id_column, None, spec.dim, *spec.rows, task.stream_rows):
-            s, m, c, n = self._score_block(block.ids, block.emb, task, anchors, thresholds)
+            s, m, c, n, again = self._score_block(block.ids, block.emb, task, anchors, thresholds)
             ids.append(block.ids), scores.append(s), margins.append(m), clusters.append(c)
-            pairs += n
+            pairs, recomputed = pairs + n, recomputed + again
             if task.fail_marker and not Path(task.fail_marker).exists():
                 Path(task.fail_marker).write_text(str(os.getpid()))
                 log.error("injected failure in shard %d", spec.index)
@@ -126,21 +131,25 @@ class ScoreWorker:
         if cluster is not None:
             top, top_cluster = per_cluster_top(ids, scores, margin, cluster, task.budget)
             return ShardResult(spec.index, top, len(ids), pairs, seconds, socket.gethostname(), os.getpid(),
-                               top_cluster, np.bincount(cluster, minlength=len(task.centres)))
+                               top_cluster, np.bincount(cluster, minlength=len(task.centres)), recomputed)
         return ShardResult(spec.index, select_top(ids, scores, margin, task.budget), len(ids), pairs,
-                           seconds, socket.gethostname(), os.getpid())
+                           seconds, socket.gethostname(), os.getpid(), recomputed=recomputed)
 
     def _score_block(self, ids, emb, task: ScoreTask, anchors, thresholds):
-        """(scores, max_margin, cluster or None, pairs) of one block; every value is per item, so the
-        results do not depend on how the pool is cut into shards and blocks."""
+        """(scores, max_margin, cluster or None, pairs, pairs recomputed) of one block; every value is
+        per item, so the results do not depend on how the pool is cut into shards and blocks."""
         cluster = assign(emb, task.centres) if task.strategy == "cluster" else None
         nan = np.full(len(ids), np.nan, np.float32)
         if cluster is not None and task.within == "central":
-            return centrality(emb, task.centres, cluster), nan, cluster, 0
+            return centrality(emb, task.centres, cluster), nan, cluster, 0, 0
         if task.strategy == "random" or (cluster is not None and task.within == "random"):
-            return random_keys(ids, task.seed), nan, cluster, 0
+            return random_keys(ids, task.seed), nan, cluster, 0, 0
+        if task.precision != "fp32":
+            res = score_pool_lowprec(emb, anchors.emb, thresholds, task.weight, self.device, task.block_pool,
+                                     max(task.block_anchor, 8192), LOW[task.precision])
+            return res.scores, res.max_margin, cluster, res.pairs, res.recomputed
         res = score_pool(emb, anchors.emb, thresholds, task.weight, self.device, task.block_pool, task.block_anchor)
-        return res.scores, res.max_margin, cluster, res.pairs
+        return res.scores, res.max_margin, cluster, res.pairs, 0
 
 
 def score_table(id_column: str, ids: np.ndarray, scores: np.ndarray, max_margin: np.ndarray,
