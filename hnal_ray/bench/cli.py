@@ -35,6 +35,17 @@ def add_bench_parser(subparsers) -> None:
     lp.add_argument("--address", default=None)
     lp.add_argument("--json", default=None, help="also write the figures here as JSON")
     lp.set_defaults(func=cmd_bench_loop)
+    st = bench.add_parser("stream", help="pools larger than memory: streamed shards, peak RSS per worker")
+    st.add_argument("--root", required=True, help="where the synthetic pools and outputs go (needs the disk space)")
+    st.add_argument("--sizes", type=_tuple(int), default=(1_000_000,), help="pool sizes, e.g. 1000000,3000000")
+    st.add_argument("--dim", type=int, default=256)
+    st.add_argument("--images", type=int, default=3334, help="paired images (about 3 captions each)")
+    st.add_argument("--actors", type=int, default=2)
+    st.add_argument("--shard-rows", type=int, default=1_000_000)
+    st.add_argument("--budget", type=int, default=1000)
+    st.add_argument("--address", default=None)
+    st.add_argument("--json", default=None, help="also write the figures here as JSON")
+    st.set_defaults(func=cmd_bench_stream)
 
 
 def cmd_bench_score(a: argparse.Namespace) -> int:
@@ -55,6 +66,19 @@ def cmd_bench_loop(a: argparse.Namespace) -> int:
 
     res = run_loop_bench(a.config, a.set, a.out, a.address)
     print(format_loop_table(res))
+    if a.json:
+        write_json(res, a.json)
+    return 0
+
+
+def cmd_bench_stream(a: argparse.Namespace) -> int:
+    from hnal_ray.bench.stream import StreamConfig, format_stream_table, run_stream_bench
+    from hnal_ray.io import write_json
+
+    cfg = StreamConfig(root=a.root, sizes=a.sizes, images=a.images, dim=a.dim, actors=a.actors,
+                       shard_rows=a.shard_rows, budget=a.budget)
+    res = run_stream_bench(cfg, a.address)
+    print(format_stream_table(res))
     if a.json:
         write_json(res, a.json)
     return 0

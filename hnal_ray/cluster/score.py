@@ -68,7 +68,8 @@ class RayBackend:
     def __init__(self, n_actors: int, cfg: ScoreConfig):
         opts = actor_resources(cfg, n_actors)
         threads = max(1, math.floor(opts["num_cpus"]))
-        device = "cuda" if opts.get("num_gpus") else "cpu"
+        # an actor given a GPU uses it when CUDA sees one (a fake GPU of a test cluster: the CPU)
+        device = "auto" if opts.get("num_gpus") else "cpu"
         self.actors = [ScoreActor.options(**opts, scheduling_strategy="SPREAD").remote(device, threads)
                        for _ in range(n_actors)]
         log.info("%d score actors requested (%s each)", n_actors, opts)
