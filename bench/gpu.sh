@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # The `hnal bench score` table on a CUDA machine (< 5 minutes on one H100/H200), with the bf16 and
-# TF32 variants and their selection recall against float32. Writes bench-gpu.{txt,json} to $OUT_DIR.
+# TF32 variants and their selection recall against float32, and the exact fp16/bf16 path
+# (hnal_ray.score.lowprec: its time, its band share, and the bare fp16/bf16 GEMM beside it).
+# Not run yet: no GPU has been lent to a session that had this script. Writes
+# bench-gpu.{txt,json} to $OUT_DIR.
 #
 #   bench/gpu.sh                      # defaults below
 #   POOL=2000000 TEXTS=100000 bench/gpu.sh
@@ -26,6 +29,6 @@ start=$(date +%s)
 # the same table as `hnal bench score ...` (python -m works whether or not the CLI wiring exists)
 "$PY" -m hnal_ray.bench score --device cuda \
     --pool "$POOL" --texts "$TEXTS" --dim "$DIM" --sizes "$SIZES" \
-    --naive-pool 16384 --approx 1:32,4:64,16:128 --precisions bf16,tf32 \
+    --naive-pool 16384 --approx 1:32,4:64,16:128 --precisions bf16,tf32,exact-fp16,exact-bf16 \
     --json "$OUT_DIR/bench-gpu.json" | tee "$OUT_DIR/bench-gpu.txt"
 echo "bench/gpu.sh: $(( $(date +%s) - start ))s" | tee -a "$OUT_DIR/bench-gpu.txt"

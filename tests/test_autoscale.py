@@ -4,6 +4,7 @@ workers, the actors start on them and take shards, and the cluster shrinks back 
 The cluster is started with `ray start --block` in its own session and stopped by PID."""
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -128,3 +129,4 @@ def test_scoring_job_scales_the_cluster_up_and_back_down(tmp_path):
             head.wait(timeout=60)
         finally:
             _kill_processes_of(temp_dir)
+            shutil.rmtree(temp_dir, ignore_errors=True)

@@ -39,7 +39,8 @@ class BenchConfig:
     approx: tuple[tuple[int, int], ...] = ((1, 32), (4, 64), (16, 128))  # (nprobe, top_m)
     actors: tuple[int, ...] = ()    # () = 1, 2, then doubling while there are cores/GPUs; (0,) = no Ray
     ray_pool: int = 0               # 0 = the middle growth size
-    precisions: tuple[str, ...] = ()  # low-precision variants: bf16, tf32
+    precisions: tuple[str, ...] = ()  # low-precision variants: bf16, tf32 (rounded: recall reported);
+                                      # exact-fp16, exact-bf16 (hnal_ray.score.lowprec, + the bare GEMM)
     device: str = "auto"
     seed: int = 0
     repeat: int = 1                 # time each path this many times, keep the fastest (noisy machines)
@@ -162,9 +163,37 @@ def _approx(pool, anchors, xi, cfg, device, nprobe=8, top_m=64):
     return res.scores, res.max_margin, {"build_s": build_s, "nlist": index.nlist}
 
 
-PAIRED = {"score_pool": BLOCKS[0], "dense_fused": BLOCKS[1], "pruned": BLOCKS[1]}
+def _exact_low(pool, anchors, xi, cfg, device, precision="fp16"):
+    """hnal_ray.score.lowprec: fp16/bf16 GEMM, float64 recomputation of the undecided band (exact)."""
+    import torch
+
+    from hnal_ray.score.lowprec import score_pool_lowprec
+
+    low = {"fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+    res = score_pool_lowprec(pool, anchors, xi, cfg.weight, device, low=low)
+    return res.scores, res.max_margin, {"band_share": res.band_share}
+
+
+def _gemm_low(pool, anchors, xi, cfg, device, precision="fp16"):
+    """The bare product with fp16/bf16 inputs (tensor cores on a GPU), blocked like `_exact_low`."""
+    import torch
+
+    low = {"fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+    p_all, a = torch.from_numpy(pool), torch.from_numpy(anchors).to(device, low)
+    t = time.perf_counter()
+    for u0 in range(0, len(pool), 4096):
+        p = p_all[u0:u0 + 4096].to(device, low)
+        for a0 in range(0, len(a), 8192):
+            p @ a[a0:a0 + 8192].T
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return None, None, {"seconds": time.perf_counter() - t}
+
+
+PAIRED = {"score_pool": BLOCKS[0], "dense_fused": BLOCKS[1], "pruned": BLOCKS[1], "exact_low": BLOCKS[0]}
 PATHS = {"gemm": _gemm, "score_pool": _score_pool, "dense_fused": _dense, "pruned": _pruned,
-         "numpy_dense": _numpy, "faiss_range": _faiss_range, "approx": _approx, "low_precision": _dense}
+         "numpy_dense": _numpy, "faiss_range": _faiss_range, "approx": _approx, "low_precision": _dense,
+         "exact_low": _exact_low, "gemm_low": _gemm_low}
 
 
 def run_path(name: str, params: dict, cfg: BenchConfig, files: dict, sizes: list[int]) -> list[dict]:

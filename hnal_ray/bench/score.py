@@ -44,7 +44,9 @@ def run_bench(cfg: BenchConfig) -> dict:
         plan = [("gemm", {}, sizes), ("score_pool", {}, sorted(set(sizes + naive + [ray_pool])))]
         plan += [(p, {}, sizes) for p in ("dense_fused", "pruned", "faiss_range")] + [("numpy_dense", {}, naive)]
         plan += [("approx", {"nprobe": p, "top_m": m}, [cfg.pool]) for p, m in cfg.approx]
-        plan += [("low_precision", {"precision": p}, [cfg.pool]) for p in cfg.precisions]
+        plan += [("low_precision", {"precision": p}, [cfg.pool]) for p in cfg.precisions if not p.startswith("exact")]
+        for p in (p.removeprefix("exact-") for p in cfg.precisions if p.startswith("exact-")):
+            plan += [("gemm_low", {"precision": p}, [cfg.pool]), ("exact_low", {"precision": p}, [cfg.pool])]
         runs = []
         for name, params, ns in plan:
             log.info("bench: %s %s pool %s", name, params, ns)

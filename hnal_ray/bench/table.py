@@ -14,7 +14,7 @@ def format_table(res: dict) -> str:
         label = r["path"] + "".join(f" {c}{r[k]}" for k, c in (("nprobe", "p"), ("top_m", "m"), ("precision", ""))
                                     if k in r)
         notes = ", ".join(f"{k} {r[k]:.3g}" for k in ("skipped", "kmeans_s", "build_s", "speedup", "efficiency",
-                                                      "gpu_peak_mib") if k in r and r["path"] != "score_pool")
+                                                      "gpu_peak_mib", "band_share") if k in r and r["path"] != "score_pool")
         pairs = r["pool"] * cfg["texts"]
         lines.append(f"{label:<22}{r['pool']:>8}{r['seconds']:>8.2f}{pairs / r['seconds'] / 1e6:>9.0f}"
                      f"{2e-9 * pairs * cfg['dim'] / r['seconds']:>9.1f}"
