@@ -130,14 +130,7 @@ def read_embeddings(path: str | os.PathLike, id_column: str, owner_column: str |
     """
     columns = [id_column] + ([owner_column] if owner_column else []) + ["embedding"]
     ids, embs, owners = [], [], []
-    offset = 0
-    for f, n in row_counts(path):
-        lo, hi = max(start - offset, 0), n if stop is None else min(stop - offset, n)
-        offset += n
-        if lo >= hi:
-            continue
-        pf = _open(f)
-        _require(f, pf.schema_arrow, columns)
+    for f, pf, lo, hi in _file_ranges(path, columns, start, stop):
         table = _read_range(f, pf, columns, lo, hi)
         ids.append(_int_column(f, table, id_column, lo))
         if owner_column:
@@ -173,22 +166,8 @@ def iter_embeddings(path: str | os.PathLike, id_column: str, owner_column: str |
     rows, validated and L2-normalised like `read_embeddings`; memory is set by `batch_rows` (and the
     files' pages), never by the range. Only row groups overlapping the range are read."""
     columns = [id_column] + ([owner_column] if owner_column else []) + ["embedding"]
-    offset = 0
-    for f, n in row_counts(path):
-        lo, hi = max(start - offset, 0), n if stop is None else min(stop - offset, n)
-        offset += n
-        if lo >= hi:
-            continue
-        pf = _open(f)
-        _require(f, pf.schema_arrow, columns)
-        groups, first, pos = [], None, 0
-        for g in range(pf.metadata.num_row_groups):
-            m = pf.metadata.row_group(g).num_rows
-            if pos + m > lo and pos < hi:
-                groups.append(g)
-                first = pos if first is None else first
-            pos += m
-        row = first
+    for f, pf, lo, hi in _file_ranges(path, columns, start, stop):
+        groups, row = _overlapping_groups(pf, lo, hi)
         try:
             batches = pf.iter_batches(batch_size=batch_rows, row_groups=groups, columns=columns)
             for batch in batches:
@@ -236,15 +215,34 @@ def read_rows(path: str | os.PathLike, id_column: str, rows: np.ndarray, dim: in
     return EmbeddingTable(str(path), np.concatenate(ids), np.concatenate(embs))
 
 
-def _read_range(pf_path: Path, pf: pq.ParquetFile, columns: list[str], lo: int, hi: int) -> pa.Table:
-    """Rows [lo, hi) of one file, reading only the row groups that overlap them."""
-    groups, first, pos = [], None, 0
+def _file_ranges(path: str | os.PathLike, columns: list[str], start: int, stop: int | None):
+    """(file, its ParquetFile, local lo, local hi) for each file of the table holding rows of the
+    global range [start, stop), its columns checked."""
+    offset = 0
+    for f, n in row_counts(path):
+        lo, hi = max(start - offset, 0), n if stop is None else min(stop - offset, n)
+        offset += n
+        if lo < hi:
+            pf = _open(f)
+            _require(f, pf.schema_arrow, columns)
+            yield f, pf, lo, hi
+
+
+def _overlapping_groups(pf: pq.ParquetFile, lo: int, hi: int) -> tuple[list[int], int]:
+    """The row groups of one file that overlap its rows [lo, hi), and the first one's first row."""
+    groups, first, pos = [], 0, 0
     for g in range(pf.metadata.num_row_groups):
         m = pf.metadata.row_group(g).num_rows
         if pos + m > lo and pos < hi:
+            first = first if groups else pos
             groups.append(g)
-            first = pos if first is None else first
         pos += m
+    return groups, first
+
+
+def _read_range(pf_path: Path, pf: pq.ParquetFile, columns: list[str], lo: int, hi: int) -> pa.Table:
+    """Rows [lo, hi) of one file, reading only the row groups that overlap them."""
+    groups, first = _overlapping_groups(pf, lo, hi)
     if not groups:
         return pf.schema_arrow.empty_table().select(columns)
     table = read_groups(Path(pf_path), pf, groups, columns)
