@@ -85,3 +85,17 @@ def test_cluster_job_equals_dense_for_any_shard_count(tmp_path, within, quota, s
                 pq.read_table(tmp_path / "s0" / "scores.parquet").sort_by(id_col).to_pandas())  # NaN == NaN
     assert len({json.dumps(sorted(np.asarray(sel).tolist())) for sel in
                 (pq.read_table(tmp_path / f"s{s}" / "selection.parquet")[id_col] for s in summaries)}) == 1
+
+
+def test_reducible_selection_is_the_top_of_the_difference():
+    from hnal_ray.score.selection import select_reducible
+
+    ids = np.arange(10) * 3
+    cur = np.array([5, 4, 3, 2, 1, 0, np.inf, 7, 7, 0.5])
+    ref = np.array([5, 0, 3, 0, 1, 0, np.inf, 1, 6, 0.0])
+    margin = np.linspace(0.1, 0.2, 10).astype(np.float32)
+    got = select_reducible(ids, cur, ids, ref, margin, 4)
+    # differences 0 4 0 2 0 0 0(inf-inf) 6 1 0.5: 7 -> 21, 1 -> 3, 3 -> 9, 8 -> 24
+    assert got.ids.tolist() == [21, 3, 9, 24] and got.scores.tolist() == [6, 4, 2, 1]
+    with pytest.raises(ValueError, match="same items"):
+        select_reducible(ids, cur, ids[::-1], ref, margin, 4)

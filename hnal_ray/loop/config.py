@@ -26,10 +26,14 @@ class StrategyConfig:
     clusters: int = 0              # cluster strategy (see `hnal score --strategy cluster`)
     quota: str = "equal"
     within: str = "hardest"
+    reducible: bool = False        # hard-negative only: minus the score under a reference model trained
+                                   # on the validation pairs (RHO-LOSS-style: hardness the model can reduce)
     switch_at: int | None = None   # budget-aware: from this many paired images on, select with `then`
     then: dict | None = None       # the score options that replace these ones from `switch_at` on
 
     def __post_init__(self):
+        if self.reducible and (self.strategy != "hard-negative" or self.side != "image" or self.switch_at):
+            raise ConfigError(f"strategies: {self.name}: reducible goes with strategy: hard-negative on the image side")
         if (self.switch_at is None) != (self.then is None):
             raise ConfigError(f"strategies: {self.name}: switch_at and then go together")
         if self.then is not None:
@@ -103,6 +107,9 @@ class LoopConfig:
                            ("encoders", dataclasses.asdict(EncoderConfig()))):
             if d[f] == default:
                 d.pop(f)
+        for s in d["strategies"]:
+            if not s["reducible"]:
+                s.pop("reducible")
         return d
 
 

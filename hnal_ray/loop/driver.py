@@ -185,6 +185,12 @@ def run_round(cfg: LoopConfig, out: str, strategy: StrategyConfig | None, seed: 
     t = time.perf_counter()
     init = prev["checkpoint"] if prev is not None and cfg.train.init == "previous" else None
     checkpoint, val_best = _train(cfg, ctx, paired, seed, d, Path(out), f"{name}-s{seed}-r{r}", init, extra)
+    reference = prev.get("reference_checkpoint") if prev else None
+    if prev is None and any(s.reducible for s in cfg.strategies):
+        # the reference model of reducible hardness: trained once per seed on the validation pairs
+        # (held out from selection), validated on the seed set
+        reference, _ = _train(cfg, ctx, ctx.feats.texts_of(ctx.splits.val), seed, d, Path(out),
+                              f"reference-s{seed}", None, val=images, into="reference")
     timings["train_s"] = time.perf_counter() - t
     t = time.perf_counter()
     model, _ = load_best(checkpoint)
@@ -194,7 +200,7 @@ def run_round(cfg: LoopConfig, out: str, strategy: StrategyConfig | None, seed: 
              "paired_images": int(len(np.unique(ctx.feats.pairs(paired).image_ids))),
              "selected": selected.tolist(), "annotated": (prev["annotated"] if prev else 0) + len(selected),
              "checkpoint": checkpoint, "val_best": val_best, "test": metrics, "timings": timings,
-             "diagnostics": diagnostics, "extra_texts": list(extra),
+             "diagnostics": diagnostics, "extra_texts": list(extra), "reference_checkpoint": reference,
              "seconds": time.perf_counter() - t0}
     write_json(state, d / "state.json")  # atomic: the round counts as done only now
     return state
@@ -284,11 +290,40 @@ def _select(cfg: LoopConfig, ctx: Context, strategy: StrategyConfig, seed: int, 
         from hnal_ray.score.job import run_score
 
         summary = run_score(inputs, score_cfg, d / "score")
-    sel = pq.read_table(d / "score" / "selection.parquet")
+    sel = pq.read_table(d / "score" / "selection.parquet").column(0).to_numpy().astype(np.int64)
     total = time.perf_counter() - t
     scored = summary["timings"].get("thresholds_s", 0.0) + summary["timings"].get("score_s", 0.0)
     timings["score_s"], timings["select_s"] = scored, max(total - scored, 0.0)
-    return sel.column(0).to_numpy().astype(np.int64), (img, txt)
+    if strategy.reducible:
+        t = time.perf_counter()
+        sel = _reducible(cfg, ctx, strategy, score_cfg, prev, d, paired, paired_images, pool_path)
+        timings["score_s"] += time.perf_counter() - t
+    return sel, (img, txt)
+
+
+def _reducible(cfg: LoopConfig, ctx: Context, strategy: StrategyConfig, score_cfg, prev: dict, d: Path,
+               paired: np.ndarray, paired_images: np.ndarray, pool_path: Path) -> np.ndarray:
+    """Reducible hardness (RHO-LOSS-style): the same scores under the reference model (trained on the
+    validation pairs) subtracted from the current model's; the top B of the difference."""
+    from hnal_ray.score.job import run_score
+    from hnal_ray.score.selection import select_reducible
+
+    feats = ctx.feats
+    img, txt = embed_features(prev["reference_checkpoint"], feats)
+    emb = d / "embeddings-reference"
+    write_embeddings(feats, img, txt, emb / "paired", paired_images, np.zeros(0, np.int64))
+    _write_texts(feats, txt, paired, emb / "paired" / "captions.parquet")
+    pool_ids = pq.read_table(pool_path, columns=["image_id"])["image_id"].to_numpy()
+    write_embeddings(feats, img, txt, emb / "pool", pool_ids, np.zeros(0, np.int64))
+    ref_inputs = ScoreInputs(str(emb / "paired" / "images.parquet"), str(emb / "paired" / "captions.parquet"),
+                             str(emb / "pool" / "images.parquet"))
+    run_score(ref_inputs, score_cfg, d / "score-reference")
+    cur = pq.read_table(d / "score" / "scores.parquet").sort_by("image_id")
+    ref = pq.read_table(d / "score-reference" / "scores.parquet").sort_by("image_id")
+    ranked = select_reducible(cur["image_id"].to_numpy(), cur["score"].to_numpy(), ref["image_id"].to_numpy(),
+                              ref["score"].to_numpy(), cur["max_margin"].to_numpy(), cfg.budget)
+    write_parquet(pa.table({"image_id": ranked.ids, "score": ranked.scores}), d / "selection-reducible.parquet")
+    return ranked.ids
 
 
 def _write_texts(feats: FeatureSet, txt: np.ndarray, text_ids: np.ndarray, path: Path,
@@ -302,7 +337,8 @@ def _write_texts(feats: FeatureSet, txt: np.ndarray, text_ids: np.ndarray, path:
 
 
 def _train(cfg: LoopConfig, ctx: Context, paired: np.ndarray, seed: int, d: Path, out: Path,
-           name: str, init: str | None, extra_texts: tuple[str, ...] = ()) -> tuple[str, dict]:
+           name: str, init: str | None, extra_texts: tuple[str, ...] = (), val: np.ndarray | None = None,
+           into: str = "checkpoint") -> tuple[str, dict]:
     """A Ray Train fit from scratch, or from `init`'s weights (a half-finished fit of an interrupted
     run is discarded, so resumed runs give the same numbers); the best checkpoint is copied into the round."""
     from hnal_ray.cluster.train import fit
@@ -312,9 +348,9 @@ def _train(cfg: LoopConfig, ctx: Context, paired: np.ndarray, seed: int, d: Path
     train = dataclasses.replace(cfg.train, seed=seed)
     if init and cfg.train.finetune_lr:
         train = dataclasses.replace(train, lr=cfg.train.finetune_lr)
-    res = fit(cfg.features, paired, ctx.splits.val, train, str(storage), name, init_checkpoint=init,
-              extra_texts=extra_texts)
-    ckpt = d / "checkpoint"
+    res = fit(cfg.features, paired, ctx.splits.val if val is None else val, train, str(storage), name,
+              init_checkpoint=init, extra_texts=extra_texts)
+    ckpt = d / into
     shutil.rmtree(ckpt, ignore_errors=True)
     shutil.copytree(res.checkpoint, ckpt)
     shutil.rmtree(storage / name, ignore_errors=True)
