@@ -20,6 +20,10 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 
+NORMALISE_ROWS = 8192
+STREAM_BUFFER = 8 << 20  # bytes read ahead per stream: pages are decoded as batches are taken
+
+
 class InputError(ValueError):
     """Bad user input; the message names the file and the column or row."""
 
@@ -114,11 +118,15 @@ def _embedding_column(f: Path, table: pa.Table, row0: int, dim: int | None) -> n
     if not finite.all():
         r = int(np.flatnonzero(~finite)[0])
         raise InputError(f"{f}: column 'embedding' row {row0 + r} contains NaN or inf")
-    norms = np.linalg.norm(emb.astype(np.float64), axis=1)
-    if (norms == 0).any():
-        r = int(np.flatnonzero(norms == 0)[0])
-        raise InputError(f"{f}: column 'embedding' row {row0 + r} is the zero vector (cannot be L2-normalised)")
-    return (emb / norms[:, None]).astype(np.float32)
+    out = np.empty_like(emb)
+    for i in range(0, n, NORMALISE_ROWS):  # float64 in slices: no (n, d) float64 copy of a block
+        part = emb[i:i + NORMALISE_ROWS].astype(np.float64)
+        norms = np.linalg.norm(part, axis=1)
+        if (norms == 0).any():
+            r = i + int(np.flatnonzero(norms == 0)[0])
+            raise InputError(f"{f}: column 'embedding' row {row0 + r} is the zero vector (cannot be L2-normalised)")
+        out[i:i + NORMALISE_ROWS] = part / norms[:, None]
+    return out
 
 
 def read_embeddings(path: str | os.PathLike, id_column: str, owner_column: str | None = None,
@@ -169,7 +177,10 @@ def iter_embeddings(path: str | os.PathLike, id_column: str, owner_column: str |
     for f, pf, lo, hi in _file_ranges(path, columns, start, stop):
         groups, row = _overlapping_groups(pf, lo, hi)
         try:
-            batches = pf.iter_batches(batch_size=batch_rows, row_groups=groups, columns=columns)
+            # a buffered, single-threaded reader: Arrow then holds about one batch, not the whole range
+            stream = pq.ParquetFile(f, pre_buffer=False, buffer_size=STREAM_BUFFER)
+            batches = stream.iter_batches(batch_size=batch_rows, row_groups=groups, columns=columns,
+                                          use_threads=False)
             for batch in batches:
                 a, b = max(lo - row, 0), min(hi - row, batch.num_rows)
                 row0, row = row, row + batch.num_rows
