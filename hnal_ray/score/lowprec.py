@@ -56,12 +56,16 @@ class LowPrecScores:
 
 def low_precision_similarity(p: torch.Tensor, a: torch.Tensor, low: torch.dtype) -> tuple[torch.Tensor, bool]:
     """(m, n) similarities from inputs rounded to `low`, and whether the output was rounded to `low`.
-    On a GPU the tensor cores multiply `low` inputs (fp32 accumulation); elsewhere the rounded inputs
-    are multiplied in float32, which is the same arithmetic."""
+    On a GPU the tensor cores multiply `low` inputs with fp32 accumulation and, where torch offers
+    it (`mm(..., out_dtype=float32)`), an fp32 output; elsewhere the rounded inputs are multiplied
+    in float32, which is the same arithmetic."""
     if p.device.type == "cuda":
         torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = False
         torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = False
-        return (p.to(low) @ a.to(low).T).float(), True
+        try:
+            return torch.mm(p.to(low), a.to(low).T, out_dtype=torch.float32), False
+        except (TypeError, RuntimeError, NotImplementedError):  # older torch: a `low` output
+            return (p.to(low) @ a.to(low).T).float(), True
     return p.to(low).float() @ a.to(low).float().T, False
 
 
