@@ -10,7 +10,7 @@ import pytest
 
 from helpers import dense_run, write_inputs
 from hnal_ray.cli import main
-from hnal_ray.io import embedding_array
+
 
 
 def score_args(paths, out, *extra, budget=7):

@@ -9,7 +9,6 @@ in IMAGE_ENCODERS or TEXT_ENCODERS. The caller picks the device once and passes 
 """
 from __future__ import annotations
 
-import io
 import logging
 import os
 import time

@@ -28,7 +28,7 @@ from hnal_ray.device import pick_device
 from hnal_ray.io import read_embeddings, read_ids, read_rows, write_json, write_parquet
 from hnal_ray.score.outdir import check_out, out_lock
 from hnal_ray.score.plan import Plan, check_inputs, input_fingerprint, key_shards, load_keys_sorted, pool_shards
-from hnal_ray.score.selection import Ranked, merge_top, select_top
+from hnal_ray.score.selection import Ranked, merge_top
 from hnal_ray.score.thresholds import kth, merge_topk, minibatch_thresholds
 from hnal_ray.score.worker import Anchors, ScoreTask, ScoreWorker, ShardResult, ShardSpec, score_table
 

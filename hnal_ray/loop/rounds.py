@@ -1,0 +1,317 @@
+"""One round of the active-learning loop, in whatever process it lands in (a Ray task or the driver):
+round 0 trains the seed-set model of a seed; round r >= 1 of a (strategy, seed) trajectory embeds
+with round r-1's model -> scores and selects -> annotates (oracle, or people: `manual.py`) ->
+trains -> evaluates, and writes its `state.json` atomically when done.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from hnal_ray.config import ConfigError, ScoreInputs
+from hnal_ray.data.features import FeatureSet, load_features
+from hnal_ray.data.splits import split_ids
+from hnal_ray.io import embedding_array, read_embeddings, write_json, write_parquet
+from hnal_ray.loop.annotate import OracleAnnotator
+from hnal_ray.loop.config import LoopConfig, StrategyConfig
+from hnal_ray.loop.diagnostics import selection_diagnostics
+from hnal_ray.retrieval.embed import embed_features, write_embeddings
+from hnal_ray.retrieval.training import evaluate, load_best
+
+log = logging.getLogger(__name__)
+DIAGNOSTIC_CLUSTERS = 20
+
+
+@dataclasses.dataclass(frozen=True)
+class Splits:
+    train: np.ndarray   # image ids the pool and the seed set come from
+    val: np.ndarray
+    test: np.ndarray
+
+
+@dataclasses.dataclass(frozen=True)
+class Context:
+    """What every round reads: the frozen features, the splits, the test set and the annotator,
+    and for the diagnostics each image's frozen-feature cluster and data-set group (or None)."""
+
+    feats: FeatureSet
+    splits: Splits
+    test: FeatureSet
+    annotator: OracleAnnotator
+    image_cluster: np.ndarray
+    image_group: np.ndarray | None
+    captioned_train: np.ndarray  # train images with captions: the seed set's source, the oracle's pool
+
+    def with_annotations(self, extra_texts: tuple[str, ...]) -> "Context":
+        """This context with the captions people wrote during a trajectory added to its features."""
+        feats = self.feats
+        for path in extra_texts:
+            more = read_embeddings(path, "text_id", "image_id")
+            feats = feats.with_texts(more.ids, more.owner, more.emb)
+        return dataclasses.replace(self, feats=feats) if extra_texts else self
+
+
+@functools.lru_cache(maxsize=2)
+def load_context(features: str, data: str) -> Context:
+    """Loaded once per process (Ray reuses a task's worker process for the next round)."""
+    feats = load_features(features)
+    splits = Splits(*(split_ids(data, s) for s in ("train", "val", "test")))
+    images = pq.read_schema(Path(data) / "images.parquet")
+    group = None
+    if "group" in images.names:
+        t = pq.read_table(Path(data) / "images.parquet", columns=["image_id", "group"])
+        by_id = dict(zip(t["image_id"].to_pylist(), t["group"].to_pylist()))
+        group = np.array([str(by_id.get(int(i), "")) for i in feats.image_ids])
+    return Context(feats, splits, feats.subset(splits.test), OracleAnnotator(feats.text_ids, feats.text_owner),
+                   frozen_clusters(feats.image_feat, DIAGNOSTIC_CLUSTERS), group,
+                   np.intersect1d(splits.train, feats.text_owner))
+
+
+def frozen_clusters(feat: np.ndarray, k: int, seed: int = 0) -> np.ndarray:
+    """(n,) k-means cluster of each frozen feature row (FAISS, seeded, one thread): diagnostics only."""
+    import faiss
+
+    faiss.omp_set_num_threads(1)
+    x = np.ascontiguousarray(feat, np.float32)
+    km = faiss.Kmeans(x.shape[1], min(k, len(x)), niter=20, seed=seed, verbose=False)
+    km.train(x)
+    return km.index.search(x, 1)[1][:, 0].astype(np.int64)
+
+
+def round_dir(out: Path, strategy: str | None, seed: int, r: int) -> Path:
+    return Path(out) / (strategy or "_seed-set") / f"seed-{seed}" / f"round-{r}"
+
+
+def read_state(out: Path, strategy: str | None, seed: int, r: int) -> dict | None:
+    f = round_dir(out, strategy, seed, r) / "state.json"
+    return json.loads(f.read_text()) if f.exists() else None
+
+
+# ---------------------------------------------------------------------------------- one round
+
+def run_round(cfg: LoopConfig, out: str, strategy: StrategyConfig | None, seed: int, r: int,
+              prev: dict | None) -> dict:
+    """One round, in whatever process it lands in (a Ray task or the driver); returns its state."""
+    t0 = time.perf_counter()
+    torch.set_num_threads(cfg.train.threads)
+    logging.getLogger("ray.train").setLevel(logging.WARNING)  # local mode logs every report at INFO
+    extra = tuple(prev.get("extra_texts", ())) if prev else ()
+    ctx = load_context(cfg.features, cfg.data).with_annotations(extra)
+    name = strategy.name if strategy else "seed-set"
+    d = round_dir(Path(out), strategy.name if strategy else None, seed, r)
+    timings: dict[str, float] = {}
+    if prev is None:
+        if cfg.seed_size == "all":
+            images = ctx.captioned_train
+        else:
+            if cfg.seed_size > len(ctx.captioned_train):
+                raise ConfigError(f"seed_size {cfg.seed_size} is larger than the {len(ctx.captioned_train)} "
+                                  f"captioned train images of {cfg.data}")
+            rng = np.random.default_rng(seed)
+            images = np.sort(rng.choice(ctx.captioned_train, cfg.seed_size, replace=False))
+        paired, selected, diagnostics = ctx.feats.texts_of(images), np.zeros(0, np.int64), None
+    else:
+        pending = d / "pending.json"
+        if cfg.annotator == "manual" and pending.exists():  # selected in an earlier run: never reselect
+            saved = json.loads(pending.read_text())
+            selected, diagnostics, timings = np.asarray(saved["selected"], np.int64), saved["diagnostics"], saved["timings"]
+        else:
+            selected, emb = _select(cfg, ctx, strategy, seed, r, prev, d, timings)
+            t = time.perf_counter()
+            diagnostics = _diagnostics(ctx, strategy, selected, prev, emb, seed * 1000 + r)
+            timings["diagnostics_s"] = time.perf_counter() - t
+        t = time.perf_counter()
+        if cfg.annotator == "manual":
+            added = _captions_from_people(cfg, d, name, seed, r, selected, diagnostics, timings)
+            if added is None:
+                return {"pending": str(d), "strategy": name, "seed": seed, "round": r, "selected": len(selected)}
+            new_texts, selected, features = added
+            extra += (features,)
+            ctx = ctx.with_annotations((features,))
+        else:
+            new_texts = ctx.annotator.annotate(strategy.side, selected)
+        paired = np.union1d(prev["paired_text_ids"], new_texts)
+        timings["annotate_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    init = prev["checkpoint"] if prev is not None and cfg.train.init == "previous" else None
+    checkpoint, val_best = _train(cfg, ctx, paired, seed, d, Path(out), f"{name}-s{seed}-r{r}", init, extra)
+    reference = prev.get("reference_checkpoint") if prev else None
+    if prev is None and any(s.reducible for s in cfg.strategies):
+        # the reference model of reducible hardness: trained once per seed on the validation pairs
+        # (held out from selection), validated on the seed set
+        reference, _ = _train(cfg, ctx, ctx.feats.texts_of(ctx.splits.val), seed, d, Path(out),
+                              f"reference-s{seed}", None, val=images, into="reference")
+    timings["train_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    model, _ = load_best(checkpoint)
+    metrics = evaluate(model, ctx.test, torch.device("cpu"))
+    timings["evaluate_s"] = time.perf_counter() - t
+    state = {"strategy": name, "seed": seed, "round": r, "paired_text_ids": paired.tolist(),
+             "paired_images": int(len(np.unique(ctx.feats.pairs(paired).image_ids))),
+             "selected": selected.tolist(), "annotated": (prev["annotated"] if prev else 0) + len(selected),
+             "checkpoint": checkpoint, "val_best": val_best, "test": metrics, "timings": timings,
+             "diagnostics": diagnostics, "extra_texts": list(extra), "reference_checkpoint": reference,
+             "seconds": time.perf_counter() - t0}
+    write_json(state, d / "state.json")  # atomic: the round counts as done only now
+    return state
+
+
+def _captions_from_people(cfg: LoopConfig, d: Path, name: str, seed: int, r: int, selected: np.ndarray,
+                          diagnostics: dict, timings: dict) -> tuple[np.ndarray, np.ndarray, str] | None:
+    """annotator: manual. Before captions are imported: export the selection for people, save it
+    (pending.json) and return None. After: (new text ids, the images captioned, their features)."""
+    from hnal_ray.loop.manual import write_to_annotate
+
+    captions = d / "annotations.parquet"
+    if not captions.exists():
+        if not (d / "pending.json").exists():
+            write_to_annotate(cfg.data, selected, d / "to_annotate", f"{name}, seed {seed}, round {r}")
+            write_json({"selected": selected.tolist(), "data": str(Path(cfg.data).resolve()),
+                        "diagnostics": diagnostics, "timings": timings},
+                       d / "pending.json")  # last: the export is complete
+        return None
+    features = d / "annotation_features.parquet"
+    table = pq.read_table(captions)
+    if not features.exists():  # encode the new captions once, with the run's text encoder
+        encoder = cfg.encoders.text_encoder("cpu", num_threads=cfg.train.threads)
+        emb = encoder.encode(table["text"].to_pylist())
+        write_parquet(pa.table({"text_id": table["text_id"], "image_id": table["image_id"],
+                                "embedding": embedding_array(emb)}), features)
+    return (table["text_id"].to_numpy().astype(np.int64), np.unique(table["image_id"].to_numpy()).astype(np.int64),
+            str(features))
+
+
+def _diagnostics(ctx: Context, strategy: StrategyConfig, selected: np.ndarray, prev: dict,
+                 emb: tuple[np.ndarray, np.ndarray], seed: int) -> dict:
+    """selection_diagnostics for this round's picks, with the previous round's model embeddings."""
+    feats, (img, txt) = ctx.feats, emb
+    paired = np.asarray(prev["paired_text_ids"], np.int64)
+    prow = np.flatnonzero(np.isin(feats.text_ids, paired))                 # paired texts
+    irow = np.flatnonzero(np.isin(feats.image_ids, feats.text_owner[prow]))  # paired images
+    owner_row = np.searchsorted(feats.image_ids, feats.text_owner)
+    if strategy.side == "image":
+        urow = np.flatnonzero(np.isin(feats.image_ids, ctx.splits.train) & ~np.isin(np.arange(len(img)), irow))
+        return selection_diagnostics(
+            selected=selected, pool_ids=feats.image_ids[urow], pool_emb=img[urow], anchor_emb=txt[prow],
+            anchor_group=feats.text_owner[prow], key_emb=img[irow], key_group=feats.image_ids[irow],
+            pool_frozen=feats.image_feat[urow], paired_frozen=feats.image_feat[irow],
+            pool_cluster=ctx.image_cluster[urow], n_clusters=DIAGNOSTIC_CLUSTERS,
+            pool_group=None if ctx.image_group is None else ctx.image_group[urow], seed=seed)
+    urow = np.flatnonzero(np.isin(feats.text_owner, ctx.splits.train) & ~np.isin(feats.text_ids, paired))
+    return selection_diagnostics(
+        selected=selected, pool_ids=feats.text_ids[urow], pool_emb=txt[urow], anchor_emb=img[irow],
+        anchor_group=feats.image_ids[irow], key_emb=txt[prow], key_group=feats.text_owner[prow],
+        pool_frozen=feats.text_feat[urow], paired_frozen=feats.text_feat[prow],
+        pool_cluster=ctx.image_cluster[owner_row[urow]], n_clusters=DIAGNOSTIC_CLUSTERS,
+        pool_group=None if ctx.image_group is None else ctx.image_group[owner_row[urow]], seed=seed)
+
+
+def _select(cfg: LoopConfig, ctx: Context, strategy: StrategyConfig, seed: int, r: int, prev: dict, d: Path,
+            timings: dict) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray]]:
+    """Embed paired set and pool with the previous round's model, then `hnal score` on them."""
+    t = time.perf_counter()
+    feats, paired = ctx.feats, np.asarray(prev["paired_text_ids"], np.int64)
+    img, txt = embed_features(prev["checkpoint"], feats)
+    paired_images = np.unique(feats.text_owner[np.isin(feats.text_ids, paired)])
+    emb = d / "embeddings"
+    write_embeddings(feats, img, txt, emb / "paired", paired_images, np.zeros(0, np.int64))
+    _write_texts(feats, txt, paired, emb / "paired" / "captions.parquet")  # exactly the paired pairs
+    if strategy.side == "image":
+        pool = np.setdiff1d(ctx.splits.train, paired_images)
+        if cfg.annotator == "oracle":  # it can only reveal captions the data has
+            pool = np.intersect1d(pool, ctx.captioned_train)
+        write_embeddings(feats, img, txt, emb / "pool", pool, np.zeros(0, np.int64))
+        pool_path = emb / "pool" / "images.parquet"
+    else:
+        train_texts = feats.texts_of(ctx.splits.train)
+        _write_texts(feats, txt, np.setdiff1d(train_texts, paired), emb / "pool" / "captions.parquet",
+                     with_owner=False)
+        pool_path = emb / "pool" / "captions.parquet"
+    timings["embed_s"] = time.perf_counter() - t
+    inputs = ScoreInputs(str(emb / "paired" / "images.parquet"), str(emb / "paired" / "captions.parquet"),
+                         str(pool_path))
+    score_cfg = strategy.score_config(cfg.budget, seed * 1000 + r, cfg.shards, int(prev["paired_images"]))
+    t = time.perf_counter()
+    if score_cfg.shards > 0:
+        from hnal_ray.cluster.score import run_score_on_ray
+
+        summary = run_score_on_ray(inputs, score_cfg, d / "score")
+    else:
+        from hnal_ray.score.job import run_score
+
+        summary = run_score(inputs, score_cfg, d / "score")
+    sel = pq.read_table(d / "score" / "selection.parquet").column(0).to_numpy().astype(np.int64)
+    total = time.perf_counter() - t
+    scored = summary["timings"].get("thresholds_s", 0.0) + summary["timings"].get("score_s", 0.0)
+    timings["score_s"], timings["select_s"] = scored, max(total - scored, 0.0)
+    if strategy.reducible:
+        t = time.perf_counter()
+        sel = _reducible(cfg, ctx, strategy, score_cfg, prev, d, paired, paired_images, pool_path)
+        timings["score_s"] += time.perf_counter() - t
+    return sel, (img, txt)
+
+
+def _reducible(cfg: LoopConfig, ctx: Context, strategy: StrategyConfig, score_cfg, prev: dict, d: Path,
+               paired: np.ndarray, paired_images: np.ndarray, pool_path: Path) -> np.ndarray:
+    """Reducible hardness (RHO-LOSS-style): the same scores under the reference model (trained on the
+    validation pairs) subtracted from the current model's; the top B of the difference."""
+    from hnal_ray.score.job import run_score
+    from hnal_ray.score.selection import select_reducible
+
+    feats = ctx.feats
+    img, txt = embed_features(prev["reference_checkpoint"], feats)
+    emb = d / "embeddings-reference"
+    write_embeddings(feats, img, txt, emb / "paired", paired_images, np.zeros(0, np.int64))
+    _write_texts(feats, txt, paired, emb / "paired" / "captions.parquet")
+    pool_ids = pq.read_table(pool_path, columns=["image_id"])["image_id"].to_numpy()
+    write_embeddings(feats, img, txt, emb / "pool", pool_ids, np.zeros(0, np.int64))
+    ref_inputs = ScoreInputs(str(emb / "paired" / "images.parquet"), str(emb / "paired" / "captions.parquet"),
+                             str(emb / "pool" / "images.parquet"))
+    run_score(ref_inputs, score_cfg, d / "score-reference")
+    cur = pq.read_table(d / "score" / "scores.parquet").sort_by("image_id")
+    ref = pq.read_table(d / "score-reference" / "scores.parquet").sort_by("image_id")
+    ranked = select_reducible(cur["image_id"].to_numpy(), cur["score"].to_numpy(), ref["image_id"].to_numpy(),
+                              ref["score"].to_numpy(), cur["max_margin"].to_numpy(), cfg.budget)
+    write_parquet(pa.table({"image_id": ranked.ids, "score": ranked.scores}), d / "selection-reducible.parquet")
+    return ranked.ids
+
+
+def _write_texts(feats: FeatureSet, txt: np.ndarray, text_ids: np.ndarray, path: Path,
+                 with_owner: bool = True) -> None:
+    keep = np.isin(feats.text_ids, text_ids)
+    cols = {"text_id": feats.text_ids[keep]}
+    if with_owner:
+        cols["image_id"] = feats.text_owner[keep]
+    cols["embedding"] = embedding_array(txt[keep])
+    write_parquet(pa.table(cols), path)
+
+
+def _train(cfg: LoopConfig, ctx: Context, paired: np.ndarray, seed: int, d: Path, out: Path,
+           name: str, init: str | None, extra_texts: tuple[str, ...] = (), val: np.ndarray | None = None,
+           into: str = "checkpoint") -> tuple[str, dict]:
+    """A Ray Train fit from scratch, or from `init`'s weights (a half-finished fit of an interrupted
+    run is discarded, so resumed runs give the same numbers); the best checkpoint is copied into the round."""
+    from hnal_ray.cluster.train import fit
+
+    storage = out / "_train"
+    shutil.rmtree(storage / name, ignore_errors=True)
+    train = dataclasses.replace(cfg.train, seed=seed)
+    if init and cfg.train.finetune_lr:
+        train = dataclasses.replace(train, lr=cfg.train.finetune_lr)
+    res = fit(cfg.features, paired, ctx.splits.val if val is None else val, train, str(storage), name,
+              init_checkpoint=init, extra_texts=extra_texts)
+    ckpt = d / into
+    shutil.rmtree(ckpt, ignore_errors=True)
+    shutil.copytree(res.checkpoint, ckpt)
+    shutil.rmtree(storage / name, ignore_errors=True)
+    return str(ckpt), res.best
