@@ -70,11 +70,12 @@ def _kill_processes_of(temp_dir: str) -> None:
 
 
 def _alive_workers(address: str, env: dict) -> list[dict]:
-    code = ("import json, ray; ray.init(address=%r, logging_level='ERROR'); "
-            "print(json.dumps([n['Resources'] for n in ray.nodes() if n['Alive']]))" % address)
+    code = ("import json, ray; ray.init(address=%r, logging_level='ERROR', log_to_driver=False); "
+            "print('NODES ' + json.dumps([n['Resources'] for n in ray.nodes() if n['Alive']]))" % address)
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
-    nodes = json.loads(r.stdout.strip().splitlines()[-1])
+    # Ray may print autoscaler events to a driver's stdout too: take our line
+    nodes = json.loads(next(line for line in r.stdout.splitlines() if line.startswith("NODES "))[6:])
     return [n for n in nodes if "node:__internal_head__" not in n]
 
 
