@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shlex
 import sys
 
 from hnal_ray.config import ConfigError
@@ -206,11 +207,12 @@ def cmd_loop(a: argparse.Namespace) -> int:
     try:
         report = run_loop(a.config, a.out, a.set, a.address)
     except AnnotationPending as stop:
+        again = " ".join(["hnal loop", shlex.quote(a.config), *(f"--set {shlex.quote(x)}" for x in a.set),
+                          "--out", shlex.quote(a.out)])
         for r in stop.rounds:
             print(f"waiting for captions: {r['selected']} images selected by {r['strategy']} (seed {r['seed']}, "
                   f"round {r['round']}) are in {r['pending']}/to_annotate/ (selected.csv, index.html, Label Studio "
-                  f"tasks); caption them, then run: hnal annotations import FILE --run {a.out} && hnal loop "
-                  f"{a.config} --out {a.out}")
+                  f"tasks); caption them, then run: hnal annotations import FILE --run {shlex.quote(a.out)} && {again}")
         return 0
     print(f"report: {report.resolve()}")
     return 0
