@@ -59,7 +59,7 @@ def add_score_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS or an embedded Ray)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--clusters", type=int, default=0, help="cluster strategy: k-means clusters (0: the budget)")
-    p.add_argument("--quota", default="equal", choices=["equal", "proportional"],
+    p.add_argument("--quota", default="equal", choices=["equal", "proportional", "hardness"],
                    help="cluster strategy: picks per cluster")
     p.add_argument("--within", default="hardest", choices=["hardest", "random", "central"],
                    help="cluster strategy: the hardest items of each cluster, random ones (the control), or the "

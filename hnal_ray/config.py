@@ -5,7 +5,7 @@ import dataclasses
 from dataclasses import dataclass
 
 STRATEGIES = ("hard-negative", "random", "coreset", "cluster")
-QUOTAS = ("equal", "proportional")
+QUOTAS = ("equal", "proportional", "hardness")
 WITHIN = ("hardest", "random", "central")
 SIDES = ("image", "text")
 PRECISIONS = ("fp32", "fp16", "bf16")
@@ -43,7 +43,8 @@ class ScoreConfig:
     block_pool: int = 4096
     block_anchor: int = 1024
     clusters: int = 0              # cluster strategy: k-means clusters of the pool (0 = one per budget item)
-    quota: str = "equal"           # cluster strategy: picks per cluster, equal or proportional to its size
+    quota: str = "equal"           # cluster strategy: picks per cluster, equal, proportional to its size, or
+                                   # to its hard negatives (items beating >= 1 paired text: Cluster-Margin-like)
     within: str = "hardest"        # cluster strategy: the hardest items of a cluster, random ones (the
                                    # control), or the most central (typical) ones
     cluster_sample: int = 20000    # cluster strategy: pool items the k-means is fitted on (seeded sample)
@@ -76,7 +77,8 @@ class ScoreConfig:
     @property
     def uses_thresholds(self) -> bool:
         """Whether the selection needs the per-anchor thresholds (the hard-negative scores)."""
-        return self.strategy == "hard-negative" or (self.strategy == "cluster" and self.within == "hardest")
+        return self.strategy == "hard-negative" or (self.strategy == "cluster" and (
+            self.within == "hardest" or self.quota == "hardness"))
 
     def result_fields(self) -> dict:
         """The fields that decide the result (not where or how it is computed)."""

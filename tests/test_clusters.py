@@ -52,7 +52,8 @@ def job(paths, out, shards, **kw):
 
 
 @pytest.mark.parametrize("within,quota,side", [("hardest", "equal", "image"), ("random", "equal", "image"),
-                                               ("hardest", "proportional", "text"), ("central", "equal", "image")])
+                                               ("hardest", "proportional", "text"), ("central", "equal", "image"),
+                                               ("hardest", "hardness", "image"), ("random", "hardness", "text")])
 def test_cluster_job_equals_dense_for_any_shard_count(tmp_path, within, quota, side):
     paths, raw = write_inputs(tmp_path / "in", np.random.default_rng(7), n_pool=80, side=side)
     kw = dict(within=within, quota=quota, clusters=6, cluster_sample=50, seed=4, side=side)
@@ -64,16 +65,19 @@ def test_cluster_job_equals_dense_for_any_shard_count(tmp_path, within, quota, s
     rows = rows[np.argsort(pool_ids[rows])]
     centres = kmeans(pool[rows].astype(np.float32), 6, 4)
     cluster = dense_assign(pool.astype(np.float32), centres)
+    img, txt = _unit(raw["image_emb"]), _unit(raw["text_emb"])
+    th = dense_thresholds(txt, raw["owner"], img, raw["image_ids"], 1, side)
+    hardness, _ = dense_scores(pool, txt if side == "image" else img, th, "surplus")
     if within == "random":
         scores, margin = random_keys(pool_ids, 4), np.full(len(pool_ids), np.nan)
     elif within == "central":
         scores = -((pool.astype(np.float32).astype(np.float64) - centres[cluster]) ** 2).sum(1)
         margin = np.full(len(pool_ids), np.nan)
     else:
-        img, txt = _unit(raw["image_emb"]), _unit(raw["text_emb"])
-        th = dense_thresholds(txt, raw["owner"], img, raw["image_ids"], 1, side)
         scores, margin = dense_scores(pool, txt if side == "image" else img, th, "surplus")
-    want = dense_quota_select(pool_ids, scores, margin, cluster, 6, 9, quota)
+    want = dense_quota_select(pool_ids, scores, margin, cluster, 6, 9, quota, hardness)
+    if quota == "hardness":  # the data has clusters of different hardness, so the quota matters
+        assert len(set(np.bincount(cluster[hardness > 0], minlength=6).tolist())) > 1
     for s in summaries:
         sel = pq.read_table(tmp_path / f"s{s}" / "selection.parquet")
         assert sel[id_col].to_pylist() == want.tolist(), s

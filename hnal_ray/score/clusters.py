@@ -14,7 +14,7 @@ import numpy as np
 
 from hnal_ray.score.selection import Ranked
 
-QUOTAS = ("equal", "proportional")
+QUOTAS = ("equal", "proportional", "hardness")
 
 
 def kmeans(x: np.ndarray, k: int, seed: int, iters: int = 25) -> np.ndarray:
@@ -75,15 +75,19 @@ def per_cluster_top(ids: np.ndarray, scores: np.ndarray, max_margin: np.ndarray,
                   max_margin[keep].astype(np.float32)), cluster[keep]
 
 
-def quota_select(cand: Ranked, cluster: np.ndarray, sizes: np.ndarray, budget: int, quota: str) -> Ranked:
-    """The global selection from all shards' candidates; `sizes`: (k,) pool items per cluster."""
+def quota_select(cand: Ranked, cluster: np.ndarray, sizes: np.ndarray, budget: int, quota: str,
+                 hard: np.ndarray | None = None) -> Ranked:
+    """The global selection from all shards' candidates; `sizes`: (k,) pool items per cluster;
+    `hard`: (k,) its hard negatives (items with a positive hard-negative score), for quota hardness.
+    Both are integer counts summed over shards, so the weights do not depend on the sharding."""
     if quota not in QUOTAS:
         raise ValueError(f"quota must be one of {QUOTAS}, got {quota!r}")
     ids, scores, mm = cand.ids, cand.scores, cand.max_margin
     order = _cluster_order(ids, scores, mm, cluster)
     rank = np.empty(len(ids), np.int64)
     rank[order] = _rank_within(cluster[order])
-    weight = np.ones(len(sizes)) if quota == "equal" else np.maximum(sizes, 1).astype(np.float64)
+    counts = {"equal": np.ones(len(sizes)), "proportional": sizes, "hardness": hard}[quota]
+    weight = np.maximum(counts, 1).astype(np.float64)
     key = (rank + 1) / weight[cluster]
     mmf = np.where(np.isnan(mm), -np.inf, mm)
     pick = np.lexsort((ids, -mmf, -scores, key))[:budget]

@@ -115,7 +115,8 @@ def _run_locked(inputs: ScoreInputs, cfg: ScoreConfig, out: Path, make_backend) 
         thresholds = _thresholds(plan, cfg, backend, work, timings)
         centres = _centres(plan, cfg, work, timings) if cfg.strategy == "cluster" else None
         task = ScoreTask(cfg.strategy, cfg.weight, cfg.budget, cfg.seed, cfg.block_pool, cfg.block_anchor,
-                         centres=centres, within=cfg.within, stream_rows=cfg.stream_rows, precision=cfg.precision)
+                         centres=centres, within=cfg.within, quota=cfg.quota, stream_rows=cfg.stream_rows,
+                         precision=cfg.precision)
         todo = [s for s in specs if not _shard_done(work, manifest, s.index)]
         fail = os.environ.get("HNAL_FAIL_SHARD")  # test switch: that shard's worker dies once, mid-shard
         tasks = [dataclasses.replace(task, fail_marker=str(out / f".failed-once-{s.index}"))
@@ -131,9 +132,11 @@ def _run_locked(inputs: ScoreInputs, cfg: ScoreConfig, out: Path, make_backend) 
         backend.close()
     tops = [_read_top(work, i) for i in range(n_shards)]
     if cfg.strategy == "cluster":
-        sizes = np.sum([manifest["shards"][str(i)]["cluster_counts"] for i in range(n_shards)], axis=0)
+        shard_info = [manifest["shards"][str(i)] for i in range(n_shards)]
+        sizes = np.sum([m["cluster_counts"] for m in shard_info], axis=0)
+        hard = np.sum([m["cluster_hard"] for m in shard_info], axis=0) if cfg.quota == "hardness" else None
         cand = Ranked(*(np.concatenate([getattr(t, f) for t, _ in tops]) for f in ("ids", "scores", "max_margin")))
-        selection = quota_select(cand, np.concatenate([c for _, c in tops]), sizes, cfg.budget, cfg.quota)
+        selection = quota_select(cand, np.concatenate([c for _, c in tops]), sizes, cfg.budget, cfg.quota, hard)
     else:
         selection = merge_top([t for t, _ in tops], cfg.budget)
     return _finish(out, work, selection, plan, cfg, inputs, key, t0, timings, manifest, backend_info)
@@ -227,6 +230,8 @@ def _record(work: Path, manifest: dict, res: ShardResult) -> None:
                                           "pairs_per_second": res.pairs / max(res.seconds, 1e-9)}
     if res.cluster_counts is not None:
         manifest["shards"][str(res.index)]["cluster_counts"] = res.cluster_counts.tolist()
+    if res.cluster_hard is not None:
+        manifest["shards"][str(res.index)]["cluster_hard"] = res.cluster_hard.tolist()
     write_json(manifest, work / "manifest.json")
 
 

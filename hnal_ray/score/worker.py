@@ -66,6 +66,7 @@ class ScoreTask:
     fail_marker: str | None = None  # test switch: die once, mid-shard, if this file is absent
     centres: np.ndarray | None = None  # cluster strategy: (k, d) float64 k-means centres
     within: str = "hardest"
+    quota: str = "equal"            # cluster strategy: "hardness" also counts each cluster's hard negatives
     stream_rows: int = 65536        # rows read from Parquet at a time
     precision: str = "fp32"         # fp16/bf16: the exact low-precision path (hnal_ray.score.lowprec)
 
@@ -82,6 +83,7 @@ class ShardResult:
     top_cluster: np.ndarray | None = None     # cluster strategy: the cluster of each candidate in `top`
     cluster_counts: np.ndarray | None = None  # cluster strategy: (k,) this shard's pool items per cluster
     recomputed: int = 0                       # low precision: pairs recomputed in float64
+    cluster_hard: np.ndarray | None = None    # quota hardness: (k,) this shard's items with a positive score
 
 
 class ScoreWorker:
@@ -112,11 +114,14 @@ class ScoreWorker:
         """Score one pool shard block by block, write every item's score to `part_path`, return the
         shard's local top-B (per cluster for the cluster strategy)."""
         t0 = time.perf_counter()
-        ids, scores, margins, clusters, pairs, recomputed = [], [], [], [], 0, 0
+        ids, scores, margins, clusters, hard, pairs, recomputed = [], [], [], [], [], 0, 0
         for block in iter_embeddings(spec.path, spec.id_column, None, spec.dim, *spec.rows, task.stream_rows):
             s, m, c, n, again = self._score_block(block.ids, block.emb, task, anchors, thresholds)
             ids.append(block.ids), scores.append(s), margins.append(m), clusters.append(c)
             pairs, recomputed = pairs + n, recomputed + again
+            if task.strategy == "cluster" and task.quota == "hardness":
+                hardness = s if task.within == "hardest" else self._hardness(block.emb, task, anchors, thresholds)
+                hard.append(c[hardness > 0])
             if task.fail_marker and not Path(task.fail_marker).exists():
                 Path(task.fail_marker).write_text(str(os.getpid()))
                 log.error("injected failure in shard %d", spec.index)
@@ -130,10 +135,17 @@ class ScoreWorker:
                  0 if anchors is None else len(anchors.ids), seconds, pairs / max(seconds, 1e-9))
         if cluster is not None:
             top, top_cluster = per_cluster_top(ids, scores, margin, cluster, task.budget)
+            k = len(task.centres)
             return ShardResult(spec.index, top, len(ids), pairs, seconds, socket.gethostname(), os.getpid(),
-                               top_cluster, np.bincount(cluster, minlength=len(task.centres)), recomputed)
+                               top_cluster, np.bincount(cluster, minlength=k), recomputed,
+                               np.bincount(np.concatenate(hard), minlength=k) if hard else None)
         return ShardResult(spec.index, select_top(ids, scores, margin, task.budget), len(ids), pairs,
                            seconds, socket.gethostname(), os.getpid(), recomputed=recomputed)
+
+    def _hardness(self, emb, task: ScoreTask, anchors, thresholds) -> np.ndarray:
+        """The hard-negative score of each row (for quota hardness when the order within a cluster is not)."""
+        return score_pool(emb, anchors.emb, thresholds, task.weight, self.device, task.block_pool,
+                          task.block_anchor).scores
 
     def _score_block(self, ids, emb, task: ScoreTask, anchors, thresholds):
         """(scores, max_margin, cluster or None, pairs, pairs recomputed) of one block; every value is
