@@ -26,6 +26,9 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader ||
 
 export PYTHONUNBUFFERED=1
 start=$(date +%s)
+# the GPU tests first: the kernels on CUDA equal the CPU's, and the exact fp16/bf16 path on real
+# tensor cores equals the float64 reference (skipped everywhere else)
+"$PY" -m pytest -q -m gpu tests/test_gpu.py | tee "$OUT_DIR/tests-gpu.txt"
 # the same table as `hnal bench score ...` (python -m works whether or not the CLI wiring exists)
 "$PY" -m hnal_ray.bench score --device cuda \
     --pool "$POOL" --texts "$TEXTS" --dim "$DIM" --sizes "$SIZES" \
