@@ -183,3 +183,22 @@ def test_emoji_builder_refuses_a_folder_it_did_not_write(valid, capsys):
     assert "not written by hnal data emoji" in capsys.readouterr().err
     assert sorted(p.name for p in valid.iterdir()) == before
     shutil.rmtree(valid)
+
+
+@pytest.mark.ray
+def test_an_unreadable_image_in_a_hand_made_folder_is_one_line_from_the_feature_step(tmp_path, capsys, local_ray):
+    """A folder that passes `hnal data check` (types only) but holds bytes that are not an image:
+    the feature job (Ray Data actors) ends with one line naming the file and the image id."""
+    import_data(make_imagefolder(tmp_path / "src", 12, with_split=True), tmp_path / "data")
+    t = pq.read_table(tmp_path / "data" / "images.parquet")
+    images = t["image"].to_pylist()
+    images[7] = b"\xff\xd8\xff not really a jpeg"
+    pq.write_table(t.set_column(t.schema.get_field_index("image"), "image", pa.array(images, pa.binary())),
+                   tmp_path / "data" / "images.parquet")
+    assert main(["data", "check", str(tmp_path / "data")]) == 0
+    capsys.readouterr()
+    assert main(["features", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "feat")]) == 2
+    err = capsys.readouterr().err  # Ray Data's progress log comes first; the error is the last line
+    assert "Traceback" not in err and "UserCodeException" not in err, err[-2000:]
+    assert "images.parquet: image_id 7: not a readable image" in err.strip().splitlines()[-1], err[-2000:]
+    assert not (tmp_path / "feat" / "images.parquet").exists()

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
 import ray.data
@@ -18,8 +19,9 @@ import ray.data
 from hnal_ray.data.contract import image_column, is_precomputed
 from hnal_ray.data.encoders import EncoderConfig
 from hnal_ray.data.features import check_feature_dir, copy_precomputed
+from hnal_ray.data.images import ImageError, open_rgb
 from hnal_ray.device import pick_device
-from hnal_ray.io import embedding_array, write_json
+from hnal_ray.io import InputError, embedding_array, write_json
 
 log = logging.getLogger(__name__)
 
@@ -32,8 +34,42 @@ class ImageFeaturizer:
         self.column = column
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        feats = self.encoder.encode(batch.column(self.column).to_pylist())
+        images = batch.column(self.column).to_pylist()
+        try:
+            feats = self.encoder.encode(images)
+        except ImageError:  # leave the unreadable rows out; the driver names them (_check_images)
+            keep = [i for i, data in enumerate(images) if _readable(data)]
+            batch = batch.take(keep)
+            feats = self.encoder.encode([images[i] for i in keep])
         return pa.table({"image_id": batch.column("image_id"), "embedding": embedding_array(feats)})
+
+
+def _readable(data: bytes) -> bool:
+    try:
+        open_rgb(data)
+        return True
+    except ImageError:
+        return False
+
+
+def _check_images(source: Path, column: str, written: Path) -> None:
+    """Every image of `source` has a row in `written`, or one InputError names the first one missing
+    (an image the encoder could not read) and counts them. Raising from the Ray Data UDF instead
+    would reach the user wrapped in Ray's exceptions and a logged traceback."""
+    ids = pq.read_table(source, columns=["image_id"]).column("image_id")
+    done = pa.concat_arrays([pq.read_table(f, columns=["image_id"]).column("image_id").combine_chunks()
+                             for f in sorted(written.glob("*.parquet"))] or [pa.array([], ids.type)])
+    missing = pc.filter(ids, pc.invert(pc.is_in(ids, value_set=done)))
+    if len(missing):
+        first = pq.read_table(source, columns=["image_id", column],
+                              filters=pc.field("image_id") == missing[0]).column(column)[0].as_py()
+        try:
+            open_rgb(first)
+            why = "no feature row was written"
+        except ImageError as exc:
+            why = str(exc)
+        more = f" (and {len(missing) - 1} more unreadable images)" if len(missing) > 1 else ""
+        raise InputError(f"{source}: image_id {missing[0].as_py()}: {why}{more}")
 
 
 class TextFeaturizer:
@@ -65,7 +101,8 @@ def cache_key(data_dir: Path, encoders: EncoderConfig = EncoderConfig()) -> str:
     return h.hexdigest()[:16]
 
 
-def _run(ds: ray.data.Dataset, udf, out: Path, actors: int, gpu: bool, batch_size: int, kwargs: dict) -> int:
+def _run(ds: ray.data.Dataset, udf, out: Path, actors: int, gpu: bool, batch_size: int, kwargs: dict,
+         check=None) -> int:
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     threads = max(1, int(ray.cluster_resources().get("CPU", 1)) // actors)
@@ -77,6 +114,12 @@ def _run(ds: ray.data.Dataset, udf, out: Path, actors: int, gpu: bool, batch_siz
                         batch_format="pyarrow", batch_size=batch_size, num_gpus=1 if gpu else 0,
                         num_cpus=0 if gpu else 1, compute=ray.data.ActorPoolStrategy(size=actors))
     ds.write_parquet(str(tmp))
+    if check is not None:
+        try:
+            check(tmp)
+        except InputError:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
     return sum(pq.ParquetFile(f).metadata.num_rows for f in out.glob("*.parquet"))
@@ -111,7 +154,8 @@ def extract_features(data_dir: str | Path, out_dir: str | Path, actors: int | No
     column = image_column(pq.read_schema(data_dir / "images.parquet"))
     enc = dataclasses.asdict(encoders)
     images = ray.data.read_parquet(str(data_dir / "images.parquet")).select_columns(["image_id", column])
-    n_img = _run(images, ImageFeaturizer, out / "images.parquet", actors, gpu, 64, {"encoders": enc, "column": column})
+    n_img = _run(images, ImageFeaturizer, out / "images.parquet", actors, gpu, 64, {"encoders": enc, "column": column},
+                 check=lambda written: _check_images(data_dir / "images.parquet", column, written))
     t1 = time.perf_counter()
     texts = ray.data.read_parquet(str(data_dir / "captions.parquet")).select_columns(
         ["text_id", "image_id", "text"])
