@@ -21,6 +21,7 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from hnal_ray.data.features import load_features
+from hnal_ray.data.image_maps import load_last_stage
 from hnal_ray.device import pick_device
 from hnal_ray.retrieval.model import DualEncoder
 from hnal_ray.retrieval.training import TrainConfig, epoch_batches, evaluate, save_checkpoint, train_epoch
@@ -36,7 +37,8 @@ def train_func(config: dict) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.manual_seed(cfg.seed)
-    data = load_features(config["features"], tuple(config.get("extra_texts", ())))
+    block = cfg.model.image_block_rank > 0
+    data = load_features(config["features"], tuple(config.get("extra_texts", ())), image_maps=block)
     train = data.pairs(np.asarray(config["train_text_ids"], np.int64))
     val = data.subset(np.asarray(config["val_image_ids"], np.int64))
     owner_row = np.searchsorted(train.image_ids, train.text_owner)
@@ -44,6 +46,9 @@ def train_func(config: dict) -> None:
     device = pick_device("cuda" if config.get("use_gpu") else "cpu") if local_dir else ray.train.torch.get_device()
     model = DualEncoder(cfg.model).to(device) if local_dir else ray.train.torch.prepare_model(DualEncoder(cfg.model))
     inner = model.module if hasattr(model, "module") else model
+    if block:  # the encoder's frozen last stage, then its pre-activations once per image
+        inner.image_block.load_frozen(load_last_stage(config["features"]))
+        train, val = train.with_image_pre(inner.image_block), val.with_image_pre(inner.image_block)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     start, best, best_state = 0, {"rsum": -1.0}, None
     checkpoint = ray.train.get_checkpoint()

@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 
 IMAGE_SIZE = 224
 IMAGE_DIM = 1280
+MAP_POSITIONS, MAP_CHANNELS = 49, 320  # EfficientNet-Lite0's 7x7x320 input to its last stage
 TEXT_DIM = 384
 TEXT_MAX_TOKENS = 256  # the packaged model's sentence_bert_config.json max_seq_length
 # EfficientNet-Lite was trained on pixels scaled as (x - 127) / 128 (TF lite builder), not on
@@ -98,6 +99,30 @@ class ImageEncoder:
             fmap = self.model.extract_features(batch)  # (b, 1280, 7, 7)
             out[lo:lo + len(batch)] = fmap.mean(dim=(2, 3)).float().cpu().numpy()
         return out
+
+    @torch.inference_mode()
+    def encode_maps(self, images: Sequence[bytes]) -> np.ndarray:
+        """images -> (n, 49, 320) float16: the activations that enter the last stage (conv_head,
+        BN, ReLU6, then the average pool that `encode` returns), one row per 7x7 position. What a
+        model that trains the last stage (retrieval.model.ConvHeadLoRA) starts from."""
+        out = np.empty((len(images), MAP_POSITIONS, MAP_CHANNELS), dtype=np.float16)
+        m = self.model
+        for lo in _chunks(len(images), self.batch_size):
+            batch = torch.stack([preprocess_image(p, IMAGE_SIZE, self.crop_pct)
+                                 for p in images[lo:lo + self.batch_size]])
+            x = m._swish(m._bn0(m._conv_stem(batch.to(self.device, memory_format=torch.channels_last))))
+            for idx, block in enumerate(m._blocks):  # as extract_features (drop-connect is off in eval)
+                x = block(x, drop_connect_rate=m._global_params.drop_connect_rate * idx / len(m._blocks))
+            out[lo:lo + len(batch)] = x.flatten(2).transpose(1, 2).half().cpu().numpy()
+        return out
+
+    def last_stage(self) -> dict[str, torch.Tensor]:
+        """The frozen last stage as plain tensors: pre = maps @ weight.T * scale + shift (conv_head
+        and BN folded), feature = mean over positions of ReLU6(pre)."""
+        bn = self.model._bn1
+        scale = (bn.weight / torch.sqrt(bn.running_var + bn.eps)).float().cpu()
+        return {"weight": self.model._conv_head.weight[:, :, 0, 0].float().cpu().clone(), "scale": scale,
+                "shift": (bn.bias.float().cpu() - bn.running_mean.float().cpu() * scale)}
 
 
 class TextEncoder:

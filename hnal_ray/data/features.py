@@ -6,6 +6,7 @@ applies (features are L2-normalised on read).
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass
@@ -19,33 +20,41 @@ from hnal_ray.io import InputError, embedding_array, read_embeddings, write_json
 
 @dataclass(frozen=True)
 class FeatureSet:
-    """image_ids (n_i,) sorted, image_feat (n_i, D_i); text_ids (n_t,) sorted, text_owner, text_feat."""
+    """image_ids (n_i,) sorted, image_feat (n_i, D_i); text_ids (n_t,) sorted, text_owner, text_feat.
+
+    image_maps (n_i, 49, 320) float16, only for a model that trains the image encoder's last stage
+    (data/image_maps.py), and image_pre, that stage's frozen pre-activations (with_image_pre)."""
 
     image_ids: np.ndarray
     image_feat: np.ndarray
     text_ids: np.ndarray
     text_owner: np.ndarray
     text_feat: np.ndarray
+    image_maps: np.ndarray | None = None
+    image_pre: np.ndarray | None = None
+
+    def _images(self, keep_i: np.ndarray) -> dict:
+        return {"image_ids": self.image_ids[keep_i], "image_feat": self.image_feat[keep_i],
+                "image_maps": None if self.image_maps is None else self.image_maps[keep_i],
+                "image_pre": None if self.image_pre is None else self.image_pre[keep_i]}
 
     def subset(self, image_ids: np.ndarray) -> "FeatureSet":
         """The given images (sorted) and all of their texts."""
         keep_i = np.isin(self.image_ids, image_ids)
         keep_t = np.isin(self.text_owner, image_ids)
-        return FeatureSet(self.image_ids[keep_i], self.image_feat[keep_i], self.text_ids[keep_t],
-                          self.text_owner[keep_t], self.text_feat[keep_t])
-
+        return FeatureSet(text_ids=self.text_ids[keep_t], text_owner=self.text_owner[keep_t],
+                          text_feat=self.text_feat[keep_t], **self._images(keep_i))
 
     def pairs(self, text_ids: np.ndarray) -> "FeatureSet":
         """The given texts and the images they describe (a paired set of text-image pairs)."""
         keep_t = np.isin(self.text_ids, text_ids)
         keep_i = np.isin(self.image_ids, self.text_owner[keep_t])
-        return FeatureSet(self.image_ids[keep_i], self.image_feat[keep_i], self.text_ids[keep_t],
-                          self.text_owner[keep_t], self.text_feat[keep_t])
+        return FeatureSet(text_ids=self.text_ids[keep_t], text_owner=self.text_owner[keep_t],
+                          text_feat=self.text_feat[keep_t], **self._images(keep_i))
 
     def texts_of(self, image_ids: np.ndarray) -> np.ndarray:
         """Sorted ids of every text of the given images."""
         return self.text_ids[np.isin(self.text_owner, image_ids)]
-
 
     def with_texts(self, text_ids: np.ndarray, text_owner: np.ndarray, text_feat: np.ndarray) -> "FeatureSet":
         """These texts added (new ids, e.g. captions a person wrote for pool images); sorted by id."""
@@ -53,19 +62,38 @@ class FeatureSet:
             raise ValueError(f"text ids {text_ids[np.isin(text_ids, self.text_ids)][:5].tolist()} exist already")
         ids = np.concatenate([self.text_ids, text_ids])
         order = np.argsort(ids, kind="stable")
-        return FeatureSet(self.image_ids, self.image_feat, ids[order],
-                          np.concatenate([self.text_owner, text_owner])[order],
-                          np.concatenate([self.text_feat, text_feat.astype(self.text_feat.dtype)])[order])
+        return dataclasses.replace(self, text_ids=ids[order],
+                                   text_owner=np.concatenate([self.text_owner, text_owner])[order],
+                                   text_feat=np.concatenate([self.text_feat, text_feat.astype(self.text_feat.dtype)])[order])
+
+    def with_image_pre(self, block, batch: int = 256) -> "FeatureSet":
+        """This set with the frozen part of `block` (retrieval.model.ConvHeadLoRA) computed once per
+        image (float16), so training pays only for the low-rank update."""
+        import torch
+
+        if self.image_maps is None:
+            raise ValueError("with_image_pre needs image_maps (load_features(..., image_maps=True))")
+        pre = np.empty((len(self.image_ids), *self.image_maps.shape[1:2], block.weight.shape[0]), np.float16)
+        for lo in range(0, len(pre), batch):
+            pre[lo:lo + batch] = block.frozen_pre(torch.from_numpy(np.asarray(self.image_maps[lo:lo + batch]))
+                                                  .to(block.weight.device)).half().cpu().numpy()
+        return dataclasses.replace(self, image_pre=pre)
 
 
-def load_features(feature_dir: str | Path, extra_texts: tuple[str, ...] = ()) -> FeatureSet:
+def load_features(feature_dir: str | Path, extra_texts: tuple[str, ...] = (), image_maps: bool = False) -> FeatureSet:
     """The feature folder's tables, plus the caption tables in `extra_texts` (text_id, image_id,
-    embedding: annotated captions of a run)."""
+    embedding: annotated captions of a run); `image_maps`: with the cached last-stage inputs
+    (memory-mapped) for a model that trains the image encoder's last stage."""
     d = Path(feature_dir)
     img = read_embeddings(d / "images.parquet", "image_id")
     txt = read_embeddings(d / "captions.parquet", "text_id", "image_id")
     oi, ot = np.argsort(img.ids), np.argsort(txt.ids)
-    feats = FeatureSet(img.ids[oi], img.emb[oi], txt.ids[ot], txt.owner[ot], txt.emb[ot])
+    maps = None
+    if image_maps:
+        from hnal_ray.data.image_maps import load_image_maps
+
+        maps = load_image_maps(d, img.ids[oi])
+    feats = FeatureSet(img.ids[oi], img.emb[oi], txt.ids[ot], txt.owner[ot], txt.emb[ot], image_maps=maps)
     for path in extra_texts:
         more = read_embeddings(path, "text_id", "image_id")
         feats = feats.with_texts(more.ids, more.owner, more.emb)

@@ -59,6 +59,10 @@ def prepare(cfg: LoopConfig) -> None:
         raise ConfigError(f"annotator: manual encodes new captions with encoders.text, but {data} holds "
                           f"precomputed embeddings from another encoder")
     extract_features(cfg.data, cfg.features, encoders=cfg.encoders)
+    if cfg.train.model.image_block_rank > 0:  # the trainable last stage's inputs (cached)
+        from hnal_ray.data.image_maps import extract_image_maps
+
+        extract_image_maps(cfg.data, cfg.features, cfg.encoders)
 
 
 # ---------------------------------------------------------------------------------- scheduling

@@ -62,9 +62,10 @@ class Context:
 
 
 @functools.lru_cache(maxsize=2)
-def load_context(features: str, data: str) -> Context:
-    """Loaded once per process (Ray reuses a task's worker process for the next round)."""
-    feats = load_features(features)
+def load_context(features: str, data: str, image_maps: bool = False) -> Context:
+    """Loaded once per process (Ray reuses a task's worker process for the next round); `image_maps`
+    for a model that trains the image encoder's last stage."""
+    feats = load_features(features, image_maps=image_maps)
     splits = Splits(*(split_ids(data, s) for s in ("train", "val", "test")))
     images = pq.read_schema(Path(data) / "images.parquet")
     group = None
@@ -106,7 +107,7 @@ def run_round(cfg: LoopConfig, out: str, strategy: StrategyConfig | None, seed: 
     torch.set_num_threads(cfg.train.threads)
     logging.getLogger("ray.train").setLevel(logging.WARNING)  # local mode logs every report at INFO
     extra = tuple(prev.get("extra_texts", ())) if prev else ()
-    ctx = load_context(cfg.features, cfg.data).with_annotations(extra)
+    ctx = load_context(cfg.features, cfg.data, cfg.train.model.image_block_rank > 0).with_annotations(extra)
     name = strategy.name if strategy else "seed-set"
     d = round_dir(Path(out), strategy.name if strategy else None, seed, r)
     timings: dict[str, float] = {}

@@ -9,7 +9,7 @@ import torch
 
 from hnal_ray.data.features import FeatureSet, load_features
 from hnal_ray.io import embedding_array, write_parquet
-from hnal_ray.retrieval.training import embed, load_best
+from hnal_ray.retrieval.training import embed, embed_images, load_best
 
 
 def embed_features(checkpoint: str | Path, feats: FeatureSet, device: torch.device | None = None
@@ -18,7 +18,7 @@ def embed_features(checkpoint: str | Path, feats: FeatureSet, device: torch.devi
     device = device or torch.device("cpu")
     model, _ = load_best(checkpoint)
     model.to(device)
-    return embed(model, feats.image_feat, "image", device), embed(model, feats.text_feat, "text", device)
+    return embed_images(model, feats, device), embed(model, feats.text_feat, "text", device)
 
 
 def write_embeddings(feats: FeatureSet, image_emb: np.ndarray, text_emb: np.ndarray, out_dir: str | Path,
@@ -39,6 +39,7 @@ def write_embeddings(feats: FeatureSet, image_emb: np.ndarray, text_emb: np.ndar
 
 def embed_dir(checkpoint: str | Path, feature_dir: str | Path, out_dir: str | Path) -> dict[str, Path]:
     """`hnal embed`: every image and caption of a feature directory, embedded with a checkpoint."""
-    feats = load_features(feature_dir)
+    model, _ = load_best(checkpoint)
+    feats = load_features(feature_dir, image_maps=model.image_block is not None)
     img, txt = embed_features(checkpoint, feats)
     return write_embeddings(feats, img, txt, out_dir)

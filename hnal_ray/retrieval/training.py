@@ -73,7 +73,7 @@ def train_epoch(model: torch.nn.Module, opt: torch.optim.Optimizer, data: Featur
     losses = []
     hardest = epoch >= cfg.warmup_epochs
     for idx in batches:
-        img = torch.from_numpy(data.image_feat[owner_row[idx]]).to(device)
+        img = image_input(data, owner_row[idx], device)
         txt = torch.from_numpy(data.text_feat[idx]).to(device)
         owner = torch.from_numpy(data.text_owner[idx]).to(device)
         a, b = model(img, txt)
@@ -85,6 +85,15 @@ def train_epoch(model: torch.nn.Module, opt: torch.optim.Optimizer, data: Featur
     return float(np.mean(losses)) if losses else 0.0
 
 
+def image_input(data: FeatureSet, rows: np.ndarray, device: torch.device):
+    """The image side's model input for these rows: frozen pooled features, or (maps, frozen
+    pre-activations or None) when the set carries the last stage's maps (ConvHeadLoRA)."""
+    if data.image_maps is None:
+        return torch.from_numpy(data.image_feat[rows]).to(device)
+    pre = None if data.image_pre is None else torch.from_numpy(data.image_pre[rows]).to(device)
+    return torch.from_numpy(np.asarray(data.image_maps[rows])).to(device), pre
+
+
 @torch.no_grad()
 def embed(model: DualEncoder, feat: np.ndarray, kind: str, device: torch.device, batch: int = 4096) -> np.ndarray:
     """(n, D) frozen features -> (n, embed_dim) float32 unit vectors from the model's `kind` head."""
@@ -94,9 +103,23 @@ def embed(model: DualEncoder, feat: np.ndarray, kind: str, device: torch.device,
     return np.concatenate(out) if out else np.zeros((0, model.cfg.embed_dim), np.float32)
 
 
+@torch.no_grad()
+def embed_images(model: DualEncoder, data: FeatureSet, device: torch.device, batch: int = 256) -> np.ndarray:
+    """Every image of `data` -> (n, embed_dim) unit vectors, through the trained last stage when
+    the model has one (then `data` must carry image_maps)."""
+    if model.image_block is None:
+        return embed(model, data.image_feat, "image", device)
+    if data.image_maps is None:
+        raise ValueError("this model trains the image encoder's last stage: load the features with image_maps=True")
+    model.eval()
+    out = [model.embed_images(image_input(data, np.arange(i, min(i + batch, len(data.image_ids))), device))
+           .cpu().numpy() for i in range(0, len(data.image_ids), batch)]
+    return np.concatenate(out) if out else np.zeros((0, model.cfg.embed_dim), np.float32)
+
+
 def evaluate(model: DualEncoder, data: FeatureSet, device: torch.device) -> dict[str, float]:
     """Recall@1/5/10 both ways, rsum and r1_sum of `model` on a split."""
-    return recall_at_k(embed(model, data.image_feat, "image", device), data.image_ids,
+    return recall_at_k(embed_images(model, data, device), data.image_ids,
                        embed(model, data.text_feat, "text", device), data.text_owner)
 
 
