@@ -43,7 +43,7 @@ def select(paired_images: TableLike, paired_texts: TableLike, pool: TableLike, b
            address: str | None = None, device: str = "auto", block_pool: int = 4096, block_anchor: int = 1024,
            clusters: int = 0, quota: str = "equal", within: str = "hardest", cluster_sample: int = 20000,
            wait: bool = False, out: str | os.PathLike | None = None, shard_rows: int = 1_000_000,
-           stream_rows: int = 65536, precision: str = "fp32") -> Selection:
+           stream_rows: int = 65536, precision: str = "fp32", candidates: int = 0) -> Selection:
     """Score `pool` against the paired set and select the top `budget` items (`hnal score`).
 
     Each input is a Parquet path (file or directory), a pyarrow Table, or a mapping of column name
@@ -61,7 +61,7 @@ def select(paired_images: TableLike, paired_texts: TableLike, pool: TableLike, b
                       side=side, seed=seed, shards=shards, address=address, device=device,
                       block_pool=block_pool, block_anchor=block_anchor, clusters=clusters, quota=quota,
                       within=within, cluster_sample=cluster_sample, wait=wait, shard_rows=shard_rows,
-                      stream_rows=stream_rows, precision=precision)
+                      stream_rows=stream_rows, precision=precision, candidates=candidates)
     scratch = Path(tempfile.mkdtemp(prefix="hnal-select-"))
     try:
         named = {}

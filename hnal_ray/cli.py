@@ -44,7 +44,8 @@ def add_score_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--paired-texts", required=True, help="Parquet file/dir: text_id, image_id, embedding")
     p.add_argument("--pool", required=True, help="Parquet file/dir: image_id (or text_id), embedding")
     p.add_argument("--budget", type=int, required=True, help="number of pool items to select")
-    p.add_argument("--strategy", default="hard-negative", choices=["hard-negative", "random", "coreset", "cluster"])
+    p.add_argument("--strategy", default="hard-negative", choices=["hard-negative", "random", "coreset", "cluster", "coverage"],
+                   help="coverage: greedy hard negatives that discount the anchors earlier picks beat")
     p.add_argument("--weight", default="surplus", choices=["surplus", "counting"])
     p.add_argument("--k", type=int, default=1, help="threshold = k-th hardest negative (Top-k)")
     p.add_argument("--threshold-batch", type=_threshold_batch, default=None, metavar="{full,N}",
@@ -65,6 +66,8 @@ def add_score_args(p: argparse.ArgumentParser) -> None:
                    help="cluster strategy: the hardest items of each cluster, random ones (the control), or the "
                         "most central (typical) ones")
     p.add_argument("--cluster-sample", type=int, default=20000, help="cluster strategy: k-means sample size")
+    p.add_argument("--candidates", type=int, default=0,
+                   help="coverage strategy: best items per shard sent to the greedy first (0: 4 x budget)")
     p.add_argument("--block-pool", type=int, default=4096)
     p.add_argument("--block-anchor", type=int, default=1024)
     p.add_argument("--out", required=True, help="output directory")
@@ -77,7 +80,7 @@ def cmd_score(a: argparse.Namespace) -> int:
     res = select(a.paired_images, a.paired_texts, a.pool, a.budget, a.strategy, weight=a.weight, k=a.k,
                  threshold_batch=a.threshold_batch, side=a.side, seed=a.seed, shards=a.shards, address=a.address,
                  device=a.device, block_pool=a.block_pool, block_anchor=a.block_anchor, clusters=a.clusters,
-                 quota=a.quota, within=a.within, cluster_sample=a.cluster_sample, wait=a.wait,
+                 quota=a.quota, within=a.within, cluster_sample=a.cluster_sample, wait=a.wait, candidates=a.candidates,
                  out=a.out, shard_rows=a.shard_rows, stream_rows=a.stream_rows, precision=a.precision)
     print(json.dumps({"out": a.out, "selected": res.summary["counts"]["selected"],
                       "pairs_per_second": round(res.summary["pairs_per_second"])}))

@@ -4,7 +4,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-STRATEGIES = ("hard-negative", "random", "coreset", "cluster")
+STRATEGIES = ("hard-negative", "random", "coreset", "cluster", "coverage")
 QUOTAS = ("equal", "proportional", "hardness")
 WITHIN = ("hardest", "random", "central")
 SIDES = ("image", "text")
@@ -49,6 +49,8 @@ class ScoreConfig:
                                    # control), or the most central (typical) ones
     cluster_sample: int = 20000    # cluster strategy: pool items the k-means is fitted on (seeded sample)
     wait: bool = False             # wait for another run writing the same --out instead of refusing
+    candidates: int = 0            # coverage strategy: best items per shard sent to the driver's greedy at
+                                   # first (0: 4 x budget); 4x more until every pick is proved exact
     precision: str = "fp32"        # GEMM inputs: fp32, or fp16/bf16 with exact float64 recomputation of the
                                    # pairs their error bound cannot decide (same results; for tensor cores)
 
@@ -67,6 +69,7 @@ class ScoreConfig:
             (self.clusters >= 0, f"--clusters must be >= 0, got {self.clusters}"),
             (self.quota in QUOTAS, f"--quota must be one of {QUOTAS}, got {self.quota!r}"),
             (self.within in WITHIN, f"--within must be one of {WITHIN}, got {self.within!r}"),
+            (self.candidates >= 0, f"--candidates must be >= 0, got {self.candidates}"),
             (self.cluster_sample >= 1, f"--cluster-sample must be >= 1, got {self.cluster_sample}"),
             (self.precision in PRECISIONS, f"--precision must be one of {PRECISIONS}, got {self.precision!r}"),
         ]
@@ -77,13 +80,13 @@ class ScoreConfig:
     @property
     def uses_thresholds(self) -> bool:
         """Whether the selection needs the per-anchor thresholds (the hard-negative scores)."""
-        return self.strategy == "hard-negative" or (self.strategy == "cluster" and (
+        return self.strategy in ("hard-negative", "coverage") or (self.strategy == "cluster" and (
             self.within == "hardest" or self.quota == "hardness"))
 
     def result_fields(self) -> dict:
         """The fields that decide the result (not where or how it is computed)."""
         d = dataclasses.asdict(self)
         for f in ("shards", "shard_rows", "stream_rows", "address", "device", "block_pool", "block_anchor", "wait",
-                  "precision"):
+                  "precision", "candidates"):
             d.pop(f)
         return d

@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from hnal_ray.score.baselines import coreset_select, random_keys
 from hnal_ray.score.clusters import kmeans, quota_select
+from hnal_ray.score.coverage import Candidates, greedy_cover
 from hnal_ray.config import ScoreConfig, ScoreInputs
 from hnal_ray.device import pick_device
 from hnal_ray.io import read_embeddings, read_ids, read_rows, write_json, write_parquet
@@ -114,22 +115,37 @@ def _run_locked(inputs: ScoreInputs, cfg: ScoreConfig, out: Path, make_backend) 
         manifest = json.loads((work / "manifest.json").read_text())
         thresholds = _thresholds(plan, cfg, backend, work, timings)
         centres = _centres(plan, cfg, work, timings) if cfg.strategy == "cluster" else None
-        task = ScoreTask(cfg.strategy, cfg.weight, cfg.budget, cfg.seed, cfg.block_pool, cfg.block_anchor,
-                         centres=centres, within=cfg.within, quota=cfg.quota, stream_rows=cfg.stream_rows,
-                         precision=cfg.precision)
-        todo = [s for s in specs if not _shard_done(work, manifest, s.index)]
-        fail = os.environ.get("HNAL_FAIL_SHARD")  # test switch: that shard's worker dies once, mid-shard
-        tasks = [dataclasses.replace(task, fail_marker=str(out / f".failed-once-{s.index}"))
-                 if str(s.index) == fail else task for s in todo]
+        m = manifest.get("candidates") or cfg.candidates or 4 * cfg.budget  # coverage: candidates per shard
         t = time.perf_counter()
-        results = backend.score(todo, tasks, plan.anchors if thresholds is not None else None, thresholds,
-                                [str(work / "parts" / f"part-{s.index:05d}.parquet") for s in todo])
-        for res in tqdm(results, total=len(todo), desc="score shards", unit="shard", disable=None):
-            _record(work, manifest, res)
+        while True:
+            task = ScoreTask(cfg.strategy, cfg.weight, cfg.budget, cfg.seed, cfg.block_pool, cfg.block_anchor,
+                             centres=centres, within=cfg.within, quota=cfg.quota, stream_rows=cfg.stream_rows,
+                             precision=cfg.precision, candidates=m)
+            todo = [s for s in specs if not _shard_done(work, manifest, s.index)]
+            fail = os.environ.get("HNAL_FAIL_SHARD")  # test switch: that shard's worker dies once, mid-shard
+            tasks = [dataclasses.replace(task, fail_marker=str(out / f".failed-once-{s.index}"))
+                     if str(s.index) == fail else task for s in todo]
+            results = backend.score(todo, tasks, plan.anchors if thresholds is not None else None, thresholds,
+                                    [str(work / "parts" / f"part-{s.index:05d}.parquet") for s in todo])
+            for res in tqdm(results, total=len(todo), desc="score shards", unit="shard", disable=None):
+                _record(work, manifest, res)
+            if cfg.strategy != "coverage":
+                break
+            selection = greedy_cover([_read_candidates(work, manifest, i) for i in range(n_shards)], cfg.budget,
+                                     len(plan.anchors.ids))
+            if selection is not None:
+                break
+            log.info("coverage: %d candidates per shard cannot prove every pick; asking for %d", m, 4 * m)
+            m *= 4
+            manifest["shards"], manifest["candidates"] = {}, m  # every shard again, with more candidates
+            write_json(manifest, work / "manifest.json")
         timings["score_s"] = time.perf_counter() - t
         backend_info = backend.info()
     finally:
         backend.close()
+    if cfg.strategy == "coverage":
+        timings["candidates_per_shard"] = m
+        return _finish(out, work, selection, plan, cfg, inputs, key, t0, timings, manifest, backend_info)
     tops = [_read_top(work, i) for i in range(n_shards)]
     if cfg.strategy == "cluster":
         shard_info = [manifest["shards"][str(i)] for i in range(n_shards)]
@@ -222,12 +238,18 @@ def _work_dir(out: Path, key: str) -> Path:
 
 def _record(work: Path, manifest: dict, res: ShardResult) -> None:
     cols = {"id": res.top.ids, "score": res.top.scores, "max_margin": res.top.max_margin}
+    if res.candidates is not None:  # coverage: the anchors each candidate beats, as list columns
+        c = res.candidates
+        cols["anchor"] = pa.ListArray.from_arrays(pa.array(c.indptr.astype(np.int32)), pa.array(c.anchor, pa.int32()))
+        cols["weight"] = pa.ListArray.from_arrays(pa.array(c.indptr.astype(np.int32)), pa.array(c.weight, pa.float64()))
     if res.top_cluster is not None:
         cols["cluster"] = res.top_cluster.astype(np.int64)
     write_parquet(pa.table(cols), work / "top" / f"part-{res.index:05d}.parquet")
     manifest["shards"][str(res.index)] = {"rows": res.rows, "pairs": res.pairs, "seconds": res.seconds,
                                           "node": res.node, "pid": res.pid, "pairs_recomputed": res.recomputed,
                                           "pairs_per_second": res.pairs / max(res.seconds, 1e-9)}
+    if res.candidates is not None:
+        manifest["shards"][str(res.index)]["next"] = res.candidates.next_key
     if res.cluster_counts is not None:
         manifest["shards"][str(res.index)]["cluster_counts"] = res.cluster_counts.tolist()
     if res.cluster_hard is not None:
@@ -245,6 +267,16 @@ def _read_top(work: Path, i: int) -> tuple[Ranked, np.ndarray | None]:
     t = pq.read_table(work / "top" / f"part-{i:05d}.parquet")
     cluster = t["cluster"].to_numpy() if "cluster" in t.column_names else None
     return Ranked(t["id"].to_numpy(), t["score"].to_numpy(), t["max_margin"].to_numpy()), cluster
+
+
+def _read_candidates(work: Path, manifest: dict, i: int) -> Candidates:
+    t = pq.read_table(work / "top" / f"part-{i:05d}.parquet")
+    offsets = t["anchor"].combine_chunks().offsets.to_numpy().astype(np.int64)
+    nxt = manifest["shards"][str(i)]["next"]
+    return Candidates(Ranked(t["id"].to_numpy(), t["score"].to_numpy(), t["max_margin"].to_numpy()), offsets,
+                      t["anchor"].combine_chunks().flatten().to_numpy().astype(np.int32),
+                      t["weight"].combine_chunks().flatten().to_numpy().astype(np.float64),
+                      None if nxt is None else (float(nxt[0]), float(nxt[1]), int(nxt[2])))
 
 
 def _finished_summary(out: Path, key: str) -> dict | None:

@@ -68,3 +68,21 @@ def dense_quota_select(ids: np.ndarray, scores: np.ndarray, max_margin: np.ndarr
         rows += [((rank + 1) / weight, -s, -m, i) for rank, (i, s, m) in enumerate(members)]
     rows.sort()
     return np.array([r[3] for r in rows[:budget]], dtype=np.int64)
+
+
+def dense_coverage(ids: np.ndarray, pool_emb: np.ndarray, anchor_emb: np.ndarray, thresholds: np.ndarray,
+                   weight: str, budget: int) -> np.ndarray:
+    """Coverage picks (docs/selection.md) by the definition, one candidate at a time, from the
+    materialised matrix: gain = weights of the anchors no earlier pick beats; ties as the SPEC."""
+    s = pool_emb.astype(np.float64) @ anchor_emb.astype(np.float64).T
+    margin = s - thresholds.astype(np.float64)[None, :]
+    w = np.maximum(0.0, margin) if weight == "surplus" else (margin > 0).astype(np.float64)
+    score = w.sum(axis=1)
+    mm = margin.max(axis=1) if margin.shape[1] else np.full(len(s), -np.inf)
+    covered, picked = np.zeros(len(anchor_emb), bool), []
+    for _ in range(min(budget, len(ids))):
+        best = min((-w[u, ~covered].sum(), -score[u], -mm[u], int(ids[u]), u)
+                   for u in range(len(ids)) if u not in picked)
+        picked.append(best[-1])
+        covered |= w[best[-1]] > 0
+    return ids[np.asarray(picked, np.int64)].astype(np.int64)

@@ -18,10 +18,15 @@ class Ranked:
         return len(self.ids)
 
 
+def top_rows(ids: np.ndarray, scores: np.ndarray, max_margin: np.ndarray, n: int) -> np.ndarray:
+    """Positions of the `n` best items: higher score, then larger max_margin (NaN last), then smaller id."""
+    mm = np.where(np.isnan(max_margin), -np.inf, max_margin)
+    return np.lexsort((ids, -mm, -scores))[:n]
+
+
 def select_top(ids: np.ndarray, scores: np.ndarray, max_margin: np.ndarray, budget: int) -> Ranked:
     """The `budget` best items: higher score, then larger max_margin (NaN last), then smaller id."""
-    mm = np.where(np.isnan(max_margin), -np.inf, max_margin)
-    order = np.lexsort((ids, -mm, -scores))[:budget]
+    order = top_rows(ids, scores, max_margin, budget)
     return Ranked(ids[order].astype(np.int64), scores[order].astype(np.float64),
                   max_margin[order].astype(np.float32))
 

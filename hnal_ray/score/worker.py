@@ -23,7 +23,8 @@ from hnal_ray.device import peak_mib, pick_device, set_threads
 from hnal_ray.io import iter_embeddings, write_parquet
 from hnal_ray.score.lowprec import score_pool_lowprec
 from hnal_ray.score.scoring import score_pool
-from hnal_ray.score.selection import Ranked, select_top
+from hnal_ray.score.coverage import Candidates, shard_candidates
+from hnal_ray.score.selection import Ranked, select_top, top_rows
 from hnal_ray.score.thresholds import merge_topk, negative_topk
 
 log = logging.getLogger(__name__)
@@ -69,6 +70,7 @@ class ScoreTask:
     quota: str = "equal"            # cluster strategy: "hardness" also counts each cluster's hard negatives
     stream_rows: int = 65536        # rows read from Parquet at a time
     precision: str = "fp32"         # fp16/bf16: the exact low-precision path (hnal_ray.score.lowprec)
+    candidates: int = 0             # coverage strategy: items a shard sends to the driver's greedy
 
 
 @dataclass(frozen=True)
@@ -84,6 +86,7 @@ class ShardResult:
     cluster_counts: np.ndarray | None = None  # cluster strategy: (k,) this shard's pool items per cluster
     recomputed: int = 0                       # low precision: pairs recomputed in float64
     cluster_hard: np.ndarray | None = None    # quota hardness: (k,) this shard's items with a positive score
+    candidates: Candidates | None = None      # coverage strategy: the shard's best items and what they beat
 
 
 class ScoreWorker:
@@ -115,8 +118,11 @@ class ScoreWorker:
         shard's local top-B (per cluster for the cluster strategy)."""
         t0 = time.perf_counter()
         ids, scores, margins, clusters, hard, pairs, recomputed = [], [], [], [], [], 0, 0
+        cand = None  # coverage: the running best `candidates` + 1 rows (ids, scores, margins, embeddings)
         for block in iter_embeddings(spec.path, spec.id_column, None, spec.dim, *spec.rows, task.stream_rows):
             s, m, c, n, again = self._score_block(block.ids, block.emb, task, anchors, thresholds)
+            if task.strategy == "coverage":
+                cand = _keep_best(cand, (block.ids, s, m, block.emb), task.candidates + 1)
             ids.append(block.ids), scores.append(s), margins.append(m), clusters.append(c)
             pairs, recomputed = pairs + n, recomputed + again
             if task.strategy == "cluster" and task.quota == "hardness":
@@ -139,6 +145,11 @@ class ScoreWorker:
             return ShardResult(spec.index, top, len(ids), pairs, seconds, socket.gethostname(), os.getpid(),
                                top_cluster, np.bincount(cluster, minlength=k), recomputed,
                                np.bincount(np.concatenate(hard), minlength=k) if hard else None)
+        if cand is not None:
+            cands = shard_candidates(*cand[:3], lambda rows: cand[3][rows], task.candidates, anchors.emb,
+                                     thresholds, task.weight)
+            return ShardResult(spec.index, cands.top, len(ids), pairs, seconds, socket.gethostname(), os.getpid(),
+                               recomputed=recomputed, candidates=cands)
         return ShardResult(spec.index, select_top(ids, scores, margin, task.budget), len(ids), pairs,
                            seconds, socket.gethostname(), os.getpid(), recomputed=recomputed)
 
@@ -162,6 +173,13 @@ class ScoreWorker:
             return res.scores, res.max_margin, cluster, res.pairs, res.recomputed
         res = score_pool(emb, anchors.emb, thresholds, task.weight, self.device, task.block_pool, task.block_anchor)
         return res.scores, res.max_margin, cluster, res.pairs, 0
+
+
+def _keep_best(kept: tuple | None, block: tuple, n: int) -> tuple:
+    """The best `n` rows (SPEC order) of what was kept so far and this block: (ids, scores, margins, emb)."""
+    cols = block if kept is None else tuple(np.concatenate([a, b]) for a, b in zip(kept, block))
+    rows = top_rows(cols[0], cols[1], cols[2], n)
+    return tuple(c[rows] for c in cols)
 
 
 def score_table(id_column: str, ids: np.ndarray, scores: np.ndarray, max_margin: np.ndarray,
