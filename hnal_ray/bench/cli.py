@@ -35,6 +35,11 @@ def add_bench_parser(subparsers) -> None:
     lp.add_argument("--address", default=None)
     lp.add_argument("--json", default=None, help="also write the figures here as JSON")
     lp.set_defaults(func=cmd_bench_loop)
+    cp = bench.add_parser("compare", help="run B minus run A per strategy and round, paired by seed (95% CI)")
+    cp.add_argument("run_a", help="a loop output directory (its metrics.parquet)")
+    cp.add_argument("run_b", help="another, with the same strategy names and seeds")
+    cp.add_argument("--metric", default="r1_sum", help="a test metric column (r1_sum, rsum, ...)")
+    cp.set_defaults(func=cmd_bench_compare)
     st = bench.add_parser("stream", help="pools larger than memory: streamed shards, peak RSS per worker")
     st.add_argument("--root", required=True, help="where the synthetic pools and outputs go (needs the disk space)")
     st.add_argument("--sizes", type=_tuple(int), default=(1_000_000,), help="pool sizes, e.g. 1000000,3000000")
@@ -81,4 +86,31 @@ def cmd_bench_stream(a: argparse.Namespace) -> int:
     print(format_stream_table(res))
     if a.json:
         write_json(res, a.json)
+    return 0
+
+
+def cmd_bench_compare(a: argparse.Namespace) -> int:
+    import pyarrow.parquet as pq
+
+    from hnal_ray.io import InputError
+    from hnal_ray.loop.report import compare_runs
+
+    runs = []
+    for d in (a.run_a, a.run_b):
+        path = f"{d}/metrics.parquet"
+        try:
+            rows = pq.read_table(path).to_pylist()
+        except (OSError, ValueError) as exc:
+            raise InputError(f"{path}: not a finished loop run's metrics ({exc})") from None
+        if rows and a.metric not in rows[0]:
+            raise InputError(f"{path}: no column {a.metric!r}")
+        runs.append(rows)
+    diffs = compare_runs(*runs, metric=a.metric)
+    if not diffs:
+        raise InputError(f"{a.run_a} and {a.run_b} share no (strategy, seed, round)")
+    print(f"{a.metric}: {a.run_b} minus {a.run_a}, paired by seed")
+    print("| strategy | round | seeds | B minus A | paired 95% CI |")
+    print("|---|---|---|---|---|")
+    for d in diffs:
+        print(f"| {d['strategy']} | {d['round']} | {d['seeds']} | {d['diff']:+.1f} | [{d['ci_low']:+.1f}, {d['ci_high']:+.1f}] |")
     return 0

@@ -22,7 +22,8 @@ T95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.
        2.045, 2.042)
 
 
-def paired_differences(rows: list[dict], baseline: str = "random", metric: str = "r1_sum") -> list[dict]:
+def paired_differences(rows: list[dict], baseline: str = "random", metric: str = "r1_sum",
+                       first_round: int = 1) -> list[dict]:
     """Per (strategy, round >= 1): the mean over seeds of (strategy - baseline) and its paired 95%
     confidence interval (t over the seeds both ran; every strategy of a seed starts from the same
     seed set, so the pairing removes the seed set's luck)."""
@@ -31,7 +32,7 @@ def paired_differences(rows: list[dict], baseline: str = "random", metric: str =
     for strategy in dict.fromkeys(r["strategy"] for r in rows):
         if strategy == baseline:
             continue
-        for rnd in sorted({r["round"] for r in rows if r["strategy"] == strategy and r["round"] > 0}):
+        for rnd in sorted({r["round"] for r in rows if r["strategy"] == strategy and r["round"] >= first_round}):
             d = np.array([r[metric] - base[(r["seed"], rnd)] for r in rows if r["strategy"] == strategy
                           and r["round"] == rnd and (r["seed"], rnd) in base])
             if len(d) == 0:
@@ -40,6 +41,18 @@ def paired_differences(rows: list[dict], baseline: str = "random", metric: str =
                 if len(d) > 1 else float("nan")
             out.append({"strategy": strategy, "round": rnd, "seeds": len(d), "diff": float(d.mean()),
                         "ci_low": float(d.mean() - half), "ci_high": float(d.mean() + half)})
+    return out
+
+
+def compare_runs(a: list[dict], b: list[dict], metric: str = "r1_sum") -> list[dict]:
+    """Run B minus run A (rows of two runs' metrics.parquet), per strategy both ran and per round
+    (0 included: the seed model), paired by seed, with the 95% confidence interval: e.g. the same
+    strategies and seeds with another training config."""
+    out = []
+    for strategy in dict.fromkeys(r["strategy"] for r in a):
+        rows = ([r | {"strategy": "a"} for r in a if r["strategy"] == strategy]
+                + [r | {"strategy": "b"} for r in b if r["strategy"] == strategy])
+        out += [d | {"strategy": strategy} for d in paired_differences(rows, "a", metric, first_round=0)]
     return out
 
 
