@@ -74,6 +74,12 @@ def test_a_fit_trains_the_block_and_every_reader_uses_it(folder):
     # the reported validation rsum is what the saved model gets, with the maps computed per batch
     val = feats.subset(val_ids)
     assert evaluate(model, val, torch.device("cpu"))["rsum"] == pytest.approx(res.best["rsum"], abs=0.2)
+    # `hnal embed` goes through the trained stage too (it loads the maps for such a checkpoint)
+    from hnal_ray.io import read_embeddings
+    from hnal_ray.retrieval.embed import embed_dir
+
+    out = read_embeddings(embed_dir(res.checkpoint, folder / "feat", folder / "emb")["images"], "image_id")
+    np.testing.assert_allclose(out.emb[np.argsort(out.ids)], embed_images(model, feats, torch.device("cpu")), atol=1e-5)
     with pytest.raises(ValueError, match="image_maps"):
         embed_images(model, load_features(folder / "feat").subset(val_ids), torch.device("cpu"))
     # a frozen-feature model of the same shape gives other embeddings: the block is in the path
