@@ -191,7 +191,7 @@ def cmd_eval(a: argparse.Namespace) -> int:
     from hnal_ray.retrieval.training import evaluate, load_best
 
     model, _ = load_best(a.checkpoint)
-    feats = load_features(a.features).subset(split_ids(a.data, a.split))
+    feats = load_features(a.features, image_maps=model.image_block is not None).subset(split_ids(a.data, a.split))
     print(json.dumps(evaluate(model, feats, torch.device("cpu"))))
     return 0
 

@@ -57,7 +57,7 @@ def test_the_block_starts_as_the_frozen_encoder_and_the_maps_are_cached(folder):
     assert (folder / "feat" / "image_maps" / "maps.npy").stat().st_mtime_ns == before
 
 
-def test_a_fit_trains_the_block_and_every_reader_uses_it(folder):
+def test_a_fit_trains_the_block_and_every_reader_uses_it(folder, capsys):
     from hnal_ray.cluster.train import fit
 
     split = pq.read_table(folder / "data" / "split.parquet").to_pydict()
@@ -80,6 +80,14 @@ def test_a_fit_trains_the_block_and_every_reader_uses_it(folder):
 
     out = read_embeddings(embed_dir(res.checkpoint, folder / "feat", folder / "emb")["images"], "image_id")
     np.testing.assert_allclose(out.emb[np.argsort(out.ids)], embed_images(model, feats, torch.device("cpu")), atol=1e-5)
+    # and `hnal eval`
+    from hnal_ray.cli import main
+
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", res.checkpoint, "--data", str(folder / "data"), "--features",
+                 str(folder / "feat"), "--split", "val"]) == 0
+    val_all = feats.subset(np.array([i for i, s in zip(split["image_id"], split["split"]) if s == "val"]))
+    assert json.loads(capsys.readouterr().out)["rsum"] == pytest.approx(evaluate(model, val_all, torch.device("cpu"))["rsum"])
     with pytest.raises(ValueError, match="image_maps"):
         embed_images(model, load_features(folder / "feat").subset(val_ids), torch.device("cpu"))
     # a frozen-feature model of the same shape gives other embeddings: the block is in the path

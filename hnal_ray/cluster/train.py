@@ -92,7 +92,9 @@ def average_in(model: DualEncoder, val, device, cfg: TrainConfig, best: dict, av
     (not any single epoch) is the model kept, with its own validation metrics."""
     n = int(best.get("avg_count", 0))
     cur = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-    avg = cur if n == 0 or avg is None else {k: avg[k] * (n / (n + 1)) + cur[k] / (n + 1) for k in cur}
+    learned = {k for k, _ in model.named_parameters()}  # frozen buffers are copied, never averaged
+    avg = cur if n == 0 or avg is None else {k: avg[k] * (n / (n + 1)) + cur[k] / (n + 1) if k in learned else cur[k]
+                                             for k in cur}
     averaged = DualEncoder(cfg.model).to(device)
     averaged.load_state_dict(avg)
     return evaluate(averaged, val, device) | {"epoch": epoch, "avg_count": n + 1}, avg

@@ -67,14 +67,13 @@ class FeatureSet:
                                    text_feat=np.concatenate([self.text_feat, text_feat.astype(self.text_feat.dtype)])[order])
 
     def with_image_pre(self, block, batch: int = 256) -> "FeatureSet":
-        """This set with its maps in float32 and the frozen part of `block`
-        (retrieval.model.ConvHeadLoRA) computed once per image, so that training pays only for
-        the low-rank update (memory: 250 KB per image)."""
+        """This set with the frozen part of `block` (retrieval.model.ConvHeadLoRA) computed once per
+        image in float32 (250 KB an image), so that training pays only for the low-rank update."""
         import torch
 
         if self.image_maps is None:
             raise ValueError("with_image_pre needs image_maps (load_features(..., image_maps=True))")
-        maps = np.asarray(self.image_maps, np.float32)
+        maps = np.asarray(self.image_maps)  # float16, read once from the memory map
         pre = np.empty((*maps.shape[:2], block.weight.shape[0]), np.float32)
         for lo in range(0, len(pre), batch):
             pre[lo:lo + batch] = block.frozen_pre(torch.from_numpy(maps[lo:lo + batch])

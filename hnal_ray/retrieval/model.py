@@ -29,7 +29,7 @@ class ConvHeadLoRA(nn.Module):
     """EfficientNet-Lite0's last stage with a trainable rank-r update (LoRA) of its 1x1 conv.
 
     maps (b, P, C_in) -> unit (b, C_out) features:
-        pre = maps @ (W + down @ up)^T * scale + shift      (conv_head, then BN folded to scale/shift)
+        pre = maps @ (W^T + down @ up) * scale + shift      (conv_head, then BN folded to scale/shift)
         feature = normalize(mean over the P positions of ReLU6(pre))
     With `up` at zero (its initial value) this is exactly the frozen encoder's pooled feature, as
     the feature tables hold it (L2-normalised). W, scale and shift are frozen buffers (saved with the

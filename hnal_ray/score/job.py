@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from hnal_ray.score.baselines import coreset_select, random_keys
 from hnal_ray.score.clusters import kmeans, quota_select
-from hnal_ray.score.coverage import Candidates, greedy_cover
+from hnal_ray.score.coverage import SLACK, Candidates, greedy_cover
 from hnal_ray.config import ScoreConfig, ScoreInputs
 from hnal_ray.device import pick_device
 from hnal_ray.io import read_embeddings, read_ids, read_rows, write_json, write_parquet
@@ -132,11 +132,12 @@ def _run_locked(inputs: ScoreInputs, cfg: ScoreConfig, out: Path, make_backend) 
             if cfg.strategy != "coverage":
                 break
             selection = greedy_cover([_read_candidates(work, manifest, i) for i in range(n_shards)], cfg.budget,
-                                     len(plan.anchors.ids))
+                                     len(plan.anchors.ids), SLACK if cfg.weight == "surplus" else 0.0)
             if selection is not None:
                 break
             log.info("coverage: %d candidates per shard cannot prove every pick; asking for %d", m, 4 * m)
             m *= 4
+            manifest["pairs_before"] = manifest.get("pairs_before", 0) + sum(v["pairs"] for v in manifest["shards"].values())
             manifest["shards"], manifest["candidates"] = {}, m  # every shard again, with more candidates
             write_json(manifest, work / "manifest.json")
         timings["score_s"] = time.perf_counter() - t
@@ -240,8 +241,9 @@ def _record(work: Path, manifest: dict, res: ShardResult) -> None:
     cols = {"id": res.top.ids, "score": res.top.scores, "max_margin": res.top.max_margin}
     if res.candidates is not None:  # coverage: the anchors each candidate beats, as list columns
         c = res.candidates
-        cols["anchor"] = pa.ListArray.from_arrays(pa.array(c.indptr.astype(np.int32)), pa.array(c.anchor, pa.int32()))
-        cols["weight"] = pa.ListArray.from_arrays(pa.array(c.indptr.astype(np.int32)), pa.array(c.weight, pa.float64()))
+        offsets = pa.array(c.indptr, pa.int64())
+        cols["anchor"] = pa.LargeListArray.from_arrays(offsets, pa.array(c.anchor, pa.int32()))
+        cols["weight"] = pa.LargeListArray.from_arrays(offsets, pa.array(c.weight, pa.float64()))
     if res.top_cluster is not None:
         cols["cluster"] = res.top_cluster.astype(np.int64)
     write_parquet(pa.table(cols), work / "top" / f"part-{res.index:05d}.parquet")
@@ -301,7 +303,7 @@ def _finish(out, work, selection: Ranked, plan: Plan, cfg, inputs, key, t0, timi
         final_scores.unlink()
     os.replace(work / "parts", final_scores)
     shards = [{"shard": int(i)} | v for i, v in sorted(manifest["shards"].items(), key=lambda kv: int(kv[0]))]
-    pairs = sum(s["pairs"] for s in shards)
+    pairs = sum(s["pairs"] for s in shards) + manifest.get("pairs_before", 0)  # coverage: earlier passes too
     timings["total_s"] = time.perf_counter() - t0
     score_s = timings.get("score_s", 0.0)
     summary = {

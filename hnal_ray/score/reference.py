@@ -71,13 +71,14 @@ def dense_quota_select(ids: np.ndarray, scores: np.ndarray, max_margin: np.ndarr
 
 
 def dense_coverage(ids: np.ndarray, pool_emb: np.ndarray, anchor_emb: np.ndarray, thresholds: np.ndarray,
-                   weight: str, budget: int) -> np.ndarray:
+                   weight: str, budget: int, tol: float) -> np.ndarray:
     """Coverage picks (docs/selection.md) by the definition, one candidate at a time, from the
-    materialised matrix: gain = weights of the anchors no earlier pick beats; ties as the SPEC."""
+    materialised matrix: an anchor is beaten when the margin exceeds `tol` (weight margin - tol
+    for Surplus); gain = weights of the anchors no earlier pick beats; ties as the SPEC."""
     s = pool_emb.astype(np.float64) @ anchor_emb.astype(np.float64).T
     margin = s - thresholds.astype(np.float64)[None, :]
-    w = np.maximum(0.0, margin) if weight == "surplus" else (margin > 0).astype(np.float64)
-    score = w.sum(axis=1)
+    w = np.where(margin > tol, margin - tol, 0.0) if weight == "surplus" else (margin > tol).astype(np.float64)
+    score, _ = dense_scores(pool_emb, anchor_emb, thresholds, weight)  # the SPEC's score breaks gain ties
     mm = margin.max(axis=1) if margin.shape[1] else np.full(len(s), -np.inf)
     covered, picked = np.zeros(len(anchor_emb), bool), []
     for _ in range(min(budget, len(ids))):

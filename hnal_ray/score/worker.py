@@ -23,7 +23,7 @@ from hnal_ray.device import peak_mib, pick_device, set_threads
 from hnal_ray.io import iter_embeddings, write_parquet
 from hnal_ray.score.lowprec import score_pool_lowprec
 from hnal_ray.score.scoring import score_pool
-from hnal_ray.score.coverage import Candidates, shard_candidates
+from hnal_ray.score.coverage import Candidates, empty_candidates, shard_candidates
 from hnal_ray.score.selection import Ranked, select_top, top_rows
 from hnal_ray.score.thresholds import merge_topk, negative_topk
 
@@ -145,9 +145,9 @@ class ScoreWorker:
             return ShardResult(spec.index, top, len(ids), pairs, seconds, socket.gethostname(), os.getpid(),
                                top_cluster, np.bincount(cluster, minlength=k), recomputed,
                                np.bincount(np.concatenate(hard), minlength=k) if hard else None)
-        if cand is not None:
-            cands = shard_candidates(*cand[:3], lambda rows: cand[3][rows], task.candidates, anchors.emb,
-                                     thresholds, task.weight)
+        if task.strategy == "coverage":
+            cands = empty_candidates() if cand is None else shard_candidates(
+                *cand[:3], lambda rows: cand[3][rows], task.candidates, anchors.emb, thresholds, task.weight)
             return ShardResult(spec.index, cands.top, len(ids), pairs, seconds, socket.gethostname(), os.getpid(),
                                recomputed=recomputed, candidates=cands)
         return ShardResult(spec.index, select_top(ids, scores, margin, task.budget), len(ids), pairs,
