@@ -1,4 +1,5 @@
 """`hnal score` through its public entry: outputs against the dense reference, and bad input."""
+import argparse
 import json
 import subprocess
 import sys
@@ -151,3 +152,20 @@ def test_bad_input_one_line_and_nothing_written(tmp_path, capsys, case):
     assert code == 2
     assert len(err) == 1 and where in err[0] and what in err[0], err
     assert not (tmp_path / "out").exists()
+
+
+def _subparsers(parser):
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield name, sub
+                yield from ((f"{name} {n}", s) for n, s in _subparsers(sub))
+
+
+def test_every_command_has_help():
+    """`--help` formats for every (nested) command: a bare % in a help string breaks argparse."""
+    from hnal_ray.cli import build_parser
+    commands = dict(_subparsers(build_parser()))
+    assert {"score", "loop", "bench compare", "data emoji"} <= set(commands)
+    for name, sub in commands.items():
+        assert sub.format_help(), name

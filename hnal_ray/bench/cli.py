@@ -35,7 +35,7 @@ def add_bench_parser(subparsers) -> None:
     lp.add_argument("--address", default=None)
     lp.add_argument("--json", default=None, help="also write the figures here as JSON")
     lp.set_defaults(func=cmd_bench_loop)
-    cp = bench.add_parser("compare", help="run B minus run A per strategy and round, paired by seed (95% CI)")
+    cp = bench.add_parser("compare", help="run B minus run A per strategy and round, paired by seed (95%% CI)")
     cp.add_argument("run_a", help="a loop output directory (its metrics.parquet)")
     cp.add_argument("run_b", help="another, with the same strategy names and seeds")
     cp.add_argument("--metric", default="r1_sum", help="a test metric column (r1_sum, rsum, ...)")
