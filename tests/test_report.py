@@ -6,7 +6,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from hnal_ray.cli import main
-from hnal_ray.loop.report import compare_runs, paired_differences
+from hnal_ray.loop.config import StrategyConfig
+from hnal_ray.loop.report import compare_runs, control_differences, control_pairs, paired_differences
 
 
 def rows(strategy, values, rnd=1):
@@ -39,3 +40,23 @@ def test_compare_runs_pairs_each_strategy_with_itself_round_0_included(tmp_path,
     assert "| random | 1 | 3 | +3.0 |" in capsys.readouterr().out
     assert main(["bench", "compare", str(tmp_path / "a"), str(tmp_path / "missing")]) == 2
     assert "missing/metrics.parquet" in capsys.readouterr().err
+
+
+def test_each_clustered_hardest_strategy_is_paired_with_its_own_control():
+    S = StrategyConfig
+    strategies = [S("random", "random"), S("c-hard", "cluster", within="hardest"),
+                  S("c-rand", "cluster", within="random"),
+                  S("p-hard", "cluster", within="hardest", clusters=20, quota="proportional"),
+                  S("p-rand", "cluster", within="random", clusters=20, quota="proportional"),
+                  S("q-hard", "cluster", within="hardest", quota="hardness", weight="counting"),
+                  S("q-rand", "cluster", within="random", quota="hardness"),        # other weight: not its control
+                  S("central", "cluster", within="central"),
+                  S("switch", "cluster", within="central", switch_at=500, then={"within": "hardest"})]
+    assert control_pairs(strategies) == [("c-hard", "c-rand"), ("p-hard", "p-rand")]
+    hard, ctrl = [31.0, 28.0, 35.0, 30.0], [30.0, 30.0, 30.0, 30.0]
+    got = control_differences(rows("c-hard", hard, 2) + rows("c-rand", ctrl, 2) + rows("random", [0] * 4, 2),
+                              [("c-hard", "c-rand")])
+    assert [(d["strategy"], d["control"], d["round"], d["seeds"]) for d in got] == [("c-hard", "c-rand", 2, 4)]
+    assert got[0]["diff"] == pytest.approx(1.0)
+    half = 3.1824 * np.std(np.subtract(hard, ctrl), ddof=1) / 2  # t, 3 degrees of freedom
+    assert (got[0]["ci_low"], got[0]["ci_high"]) == pytest.approx((1.0 - half, 1.0 + half), abs=1e-3)

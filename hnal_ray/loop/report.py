@@ -1,6 +1,7 @@
 """The run report: learning curves (PNG), a table per round, and a "why selected" page."""
 from __future__ import annotations
 
+import dataclasses
 import html
 import json
 from pathlib import Path
@@ -53,6 +54,27 @@ def compare_runs(a: list[dict], b: list[dict], metric: str = "r1_sum") -> list[d
         rows = ([r | {"strategy": "a"} for r in a if r["strategy"] == strategy]
                 + [r | {"strategy": "b"} for r in b if r["strategy"] == strategy])
         out += [d | {"strategy": strategy} for d in paired_differences(rows, "a", metric, first_round=0)]
+    return out
+
+
+def control_pairs(strategies: list[StrategyConfig]) -> list[tuple[str, str]]:
+    """(hardest, control) for each clustered strategy that takes the hardest item of a cluster and
+    has, in the same run, a control that differs only in taking a random item (same clusters,
+    quotas, weight and k): hardness is credited only if it beats that control."""
+    def key(s: StrategyConfig) -> tuple:
+        return tuple(sorted((k, repr(v)) for k, v in dataclasses.asdict(s).items() if k not in ("name", "within")))
+    controls = {key(s): s.name for s in strategies if s.strategy == "cluster" and s.within == "random"}
+    return [(s.name, controls[key(s)]) for s in strategies
+            if s.strategy == "cluster" and s.within == "hardest" and s.switch_at is None and key(s) in controls]
+
+
+def control_differences(rows: list[dict], pairs: list[tuple[str, str]], metric: str = "r1_sum") -> list[dict]:
+    """Per (hardest, control) pair and round >= 1: hardest minus control, paired by seed, 95% CI."""
+    out = []
+    for hardest, control in pairs:
+        sub = ([r | {"strategy": "h"} for r in rows if r["strategy"] == hardest]
+               + [r | {"strategy": "c"} for r in rows if r["strategy"] == control])
+        out += [d | {"strategy": hardest, "control": control} for d in paired_differences(sub, "c", metric)]
     return out
 
 
@@ -150,6 +172,9 @@ def explain(state_dir: Path, strategy: StrategyConfig, captions: dict[int, str],
     return out
 
 
+CONTROL_TITLE = "## Hardness against its control (paired by seed)"
+
+
 def write_report(cfg: LoopConfig, out: Path, rows: list[dict], timings: list[dict],
                  states: list[dict] = ()) -> Path:
     """DIR/report.md and DIR/report.html (+ curves.png, metrics.parquet, timings.parquet, thumbs/)."""
@@ -166,6 +191,11 @@ def write_report(cfg: LoopConfig, out: Path, rows: list[dict], timings: list[dic
     dtable = ["| strategy | round | seeds | R@1-sum minus random | paired 95% CI |", "|---|---|---|---|---|"]
     dtable += [f"| {d['strategy']} | {d['round']} | {d['seeds']} | {d['diff']:+.1f} | [{d['ci_low']:+.1f}, "
                f"{d['ci_high']:+.1f}] |" for d in sorted(diffs, key=lambda d: (d["round"], d["strategy"]))]
+    controls = control_differences(rows, control_pairs(list(cfg.strategies)))
+    ctable = ["| strategy | control | round | seeds | R@1-sum minus control | paired 95% CI |", "|---|---|---|---|---|---|"]
+    ctable += [f"| {d['strategy']} | {d['control']} | {d['round']} | {d['seeds']} | {d['diff']:+.1f} | "
+               f"[{d['ci_low']:+.1f}, {d['ci_high']:+.1f}] |" for d in sorted(controls, key=lambda d: (d["round"],
+                                                                                                     d["strategy"]))]
     diag = diagnostics_summary(list(states))
     dkeys = [k for k in ("redundancy", "redundancy_random", "anchors_beaten_per_item", "anchors_covered",
                          "clusters_hit", "clusters_hit_random", "cluster_max_share", "near_duplicates", "groups_hit",
@@ -173,6 +203,9 @@ def write_report(cfg: LoopConfig, out: Path, rows: list[dict], timings: list[dic
     gtable = ["| strategy | " + " | ".join(dkeys) + " |", "|---" * (len(dkeys) + 1) + "|"]
     gtable += ["| " + " | ".join([d["strategy"]] + [f"{d[k]:.3g}" for k in dkeys]) + " |" for d in diag]
     extra_md = (["## Difference to random (paired by seed)", "", *dtable, ""] if diffs else []) + (
+        [CONTROL_TITLE, "", "A clustered strategy's hardest item per cluster against the same clusters and quotas "
+         "with a random item per cluster: hardness is credited only where this is above 0.", "", *ctable, ""]
+        if controls else []) + (
         ["## Selection diagnostics (mean over seeds and rounds)", "",
          "redundancy: mean pairwise cosine of the picks (model embeddings), vs a random batch of the same size; "
          "anchors beaten: paired texts (images) each pick beats under Top-1 thresholds; covered: beaten by any "
@@ -184,6 +217,7 @@ def write_report(cfg: LoopConfig, out: Path, rows: list[dict], timings: list[dic
             "<tr>" + "".join(f"<td>{html.escape(c.strip())}</td>" for c in line.strip("|").split("|")) + "</tr>"
             for line in tab if not line.startswith("|---")) + "</table>"
         for title, tab in (("Difference to random (paired by seed)", dtable if diffs else []),
+                           (CONTROL_TITLE[3:], ctable if controls else []),
                            ("Selection diagnostics (mean over seeds and rounds)", gtable if diag else [])) if tab)
     times = stage_times(timings)
     head = "| rounds | n | " + " | ".join(k[:-2] for k in TIME_COLUMNS) + " |"
