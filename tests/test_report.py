@@ -7,7 +7,8 @@ import pytest
 
 from hnal_ray.cli import main
 from hnal_ray.loop.config import StrategyConfig
-from hnal_ray.loop.report import compare_runs, control_differences, control_pairs, paired_differences
+from hnal_ray.loop.report import (annotations_to_reach, compare_runs, control_differences, control_pairs,
+                                 paired_differences)
 
 
 def rows(strategy, values, rnd=1):
@@ -60,3 +61,14 @@ def test_each_clustered_hardest_strategy_is_paired_with_its_own_control():
     assert got[0]["diff"] == pytest.approx(1.0)
     half = 3.1824 * np.std(np.subtract(hard, ctrl), ddof=1) / 2  # t, 3 degrees of freedom
     assert (got[0]["ci_low"], got[0]["ci_high"]) == pytest.approx((1.0 - half, 1.0 + half), abs=1e-3)
+
+
+def test_annotations_to_reach_randoms_final_metric():
+    def curve(strategy, values):
+        return [{"strategy": strategy, "round": r, "annotated": 100.0 * r, "r1_sum": v} for r, v in enumerate(values)]
+    summary = curve("random", [20, 30, 33, 36]) + curve("fast", [20, 36.5, 37, 38]) + curve("slow", [20, 25, 30, 35.9])
+    got = {r["strategy"]: r for r in annotations_to_reach(summary)}
+    assert got["random"]["annotated"] == 300 and got["random"]["fraction"] == 1
+    assert got["fast"]["annotated"] == 100 and got["fast"]["fraction"] == pytest.approx(1 / 3)
+    assert got["slow"]["annotated"] is None and got["slow"]["target"] == 36
+    assert annotations_to_reach(curve("fast", [1, 2])) == []  # no baseline in the run

@@ -106,6 +106,24 @@ def summarize(rows: list[dict]) -> list[dict]:
     return out
 
 
+def annotations_to_reach(summary: list[dict], baseline: str = "random", metric: str = "r1_sum") -> list[dict]:
+    """Per strategy: the annotations of the first measured round whose mean `metric` (over seeds)
+    reaches the baseline's mean at its last round, or None; `fraction` of the baseline's
+    annotations at that last round. Measured rounds only, no interpolation."""
+    base = [r for r in summary if r["strategy"] == baseline]
+    if not base:
+        return []
+    last = max(base, key=lambda r: r["round"])
+    out = []
+    for strategy in dict.fromkeys(r["strategy"] for r in summary):
+        hit = [r for r in sorted((r for r in summary if r["strategy"] == strategy), key=lambda r: r["round"])
+               if r[metric] >= last[metric]]
+        at = hit[0]["annotated"] if hit else None
+        out.append({"strategy": strategy, "target": last[metric], "baseline_annotated": last["annotated"],
+                    "annotated": at, "fraction": None if at is None or not last["annotated"] else at / last["annotated"]})
+    return out
+
+
 # the stages of a round, in order: the keys of state["timings"] and of timings.parquet
 STAGES = ("embed_s", "score_s", "select_s", "diagnostics_s", "annotate_s", "train_s", "evaluate_s")
 TIME_COLUMNS = STAGES + ("round_s",)
@@ -172,6 +190,7 @@ def explain(state_dir: Path, strategy: StrategyConfig, captions: dict[int, str],
     return out
 
 
+REACH_TITLE = "## Annotations to reach random's final R@1-sum"
 CONTROL_TITLE = "## Hardness against its control (paired by seed)"
 
 
@@ -191,6 +210,10 @@ def write_report(cfg: LoopConfig, out: Path, rows: list[dict], timings: list[dic
     dtable = ["| strategy | round | seeds | R@1-sum minus random | paired 95% CI |", "|---|---|---|---|---|"]
     dtable += [f"| {d['strategy']} | {d['round']} | {d['seeds']} | {d['diff']:+.1f} | [{d['ci_low']:+.1f}, "
                f"{d['ci_high']:+.1f}] |" for d in sorted(diffs, key=lambda d: (d["round"], d["strategy"]))]
+    reach = annotations_to_reach(summary)
+    rtable = ["| strategy | annotations to reach it | share of random's |", "|---|---|---|"]
+    rtable += [f"| {r['strategy']} | " + ("not reached | - |" if r["annotated"] is None else
+                                          f"{r['annotated']:.0f} | {r['fraction']:.2f} |") for r in reach]
     controls = control_differences(rows, control_pairs(list(cfg.strategies)))
     ctable = ["| strategy | control | round | seeds | R@1-sum minus control | paired 95% CI |", "|---|---|---|---|---|---|"]
     ctable += [f"| {d['strategy']} | {d['control']} | {d['round']} | {d['seeds']} | {d['diff']:+.1f} | "
@@ -203,6 +226,9 @@ def write_report(cfg: LoopConfig, out: Path, rows: list[dict], timings: list[dic
     gtable = ["| strategy | " + " | ".join(dkeys) + " |", "|---" * (len(dkeys) + 1) + "|"]
     gtable += ["| " + " | ".join([d["strategy"]] + [f"{d[k]:.3g}" for k in dkeys]) + " |" for d in diag]
     extra_md = (["## Difference to random (paired by seed)", "", *dtable, ""] if diffs else []) + (
+        [REACH_TITLE, "", f"The first round whose mean R@1-sum reaches random's mean at its last round "
+         f"({reach[0]['target']:.1f} after {reach[0]['baseline_annotated']:.0f} annotations); measured rounds only.",
+         "", *rtable, ""] if reach else []) + (
         [CONTROL_TITLE, "", "A clustered strategy's hardest item per cluster against the same clusters and quotas "
          "with a random item per cluster: hardness is credited only where this is above 0.", "", *ctable, ""]
         if controls else []) + (
@@ -217,6 +243,7 @@ def write_report(cfg: LoopConfig, out: Path, rows: list[dict], timings: list[dic
             "<tr>" + "".join(f"<td>{html.escape(c.strip())}</td>" for c in line.strip("|").split("|")) + "</tr>"
             for line in tab if not line.startswith("|---")) + "</table>"
         for title, tab in (("Difference to random (paired by seed)", dtable if diffs else []),
+                           (REACH_TITLE[3:], rtable if reach else []),
                            (CONTROL_TITLE[3:], ctable if controls else []),
                            ("Selection diagnostics (mean over seeds and rounds)", gtable if diag else [])) if tab)
     times = stage_times(timings)
