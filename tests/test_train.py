@@ -115,3 +115,46 @@ def test_weight_average_of_the_last_epochs_is_the_model_kept(tmp_path):
         torch.testing.assert_close(got[k], (weights[0][k] + weights[1][k]) / 2)
     val = load_features(tmp_path).subset(val_ids)
     assert evaluate(load_best(avg.checkpoint)[0], val, torch.device("cpu"))["rsum"] == pytest.approx(avg.best["rsum"])
+
+
+def test_clustered_batches_keep_look_alikes_together_and_split_like_random_ones():
+    """batching=clustered: every epoch is still one pass over the pairs (the short tail dropped),
+    seeded, the same global batches whatever the worker count, and far purer than random batches."""
+    from hnal_ray.retrieval.training import epoch_batches
+
+    rng = np.random.default_rng(0)
+    groups = rng.integers(0, 12, 500)
+    for epoch in range(3):
+        one = epoch_batches(500, 40, 7, epoch, 0, 1, groups)
+        flat = np.concatenate(one)
+        assert len(one) == 12 and len(flat) == 480 and len(np.unique(flat)) == 480
+        assert all(np.array_equal(a, b) for a, b in zip(one, epoch_batches(500, 40, 7, epoch, 0, 1, groups)))
+        halves = [epoch_batches(500, 40, 7, epoch, r, 2, groups) for r in (0, 1)]
+        assert all(np.array_equal(b, np.concatenate([h0, h1])) for b, h0, h1 in zip(one, *halves))
+        mixed = epoch_batches(500, 40, 7, epoch, 0, 1)
+        assert np.mean([len(np.unique(groups[b])) for b in one]) <= 2.5 < np.mean([len(np.unique(groups[b]))
+                                                                                for b in mixed])
+    assert not np.array_equal(np.concatenate(epoch_batches(500, 40, 7, 0, 0, 1, groups)),
+                              np.concatenate(epoch_batches(500, 40, 7, 1, 0, 1, groups)))
+
+
+def test_pair_groups_are_kmeans_of_the_images_and_a_clustered_fit_learns(tmp_path):
+    from hnal_ray.cluster.train import fit
+    from hnal_ray.retrieval.training import pair_groups
+    from hnal_ray.score.clusters import assign, kmeans
+
+    ids = synthetic_features(tmp_path, seed=3)
+    data = load_features(tmp_path)
+    train = data.pairs(data.texts_of(ids[:240]))
+    owner_row = np.searchsorted(train.image_ids, train.text_owner)
+    got = pair_groups(train, owner_row, 32, 5)
+    unit = train.image_feat / np.linalg.norm(train.image_feat, axis=1, keepdims=True)
+    want = assign(unit, kmeans(unit, len(owner_row) // 32, 5))[owner_row]
+    assert np.array_equal(got, want) and len(np.unique(got)) > 1
+    cfg = TrainConfig(epochs=6, batch_size=32, lr=3e-3, warmup_epochs=1, num_workers=0, batching="clustered",
+                      model=ModelConfig(image_dim=32, text_dim=16, embed_dim=16, hidden=64))
+    res = fit(str(tmp_path), data.texts_of(ids[:240]), ids[240:], cfg, str(tmp_path / "runs"), "clustered")
+    assert evaluate(load_best(res.checkpoint)[0], data.subset(ids[240:]), torch.device("cpu"))["rsum"] > 300
+    from hnal_ray.config import ConfigError
+    with pytest.raises(ConfigError, match="train.batching"):
+        TrainConfig(batching="hard")

@@ -24,7 +24,8 @@ from hnal_ray.data.features import load_features
 from hnal_ray.data.image_maps import load_last_stage
 from hnal_ray.device import pick_device
 from hnal_ray.retrieval.model import DualEncoder
-from hnal_ray.retrieval.training import TrainConfig, epoch_batches, evaluate, save_checkpoint, train_epoch
+from hnal_ray.retrieval.training import (TrainConfig, epoch_batches, evaluate, pair_groups, save_checkpoint,
+                                        train_epoch)
 
 log = logging.getLogger(__name__)
 
@@ -64,8 +65,9 @@ def train_func(config: dict) -> None:
             best_state = torch.load(Path(d) / "best.pt", map_location="cpu")
             meta = json.loads((Path(d) / "meta.json").read_text())
             start, best = meta["epoch"] + 1, meta["best"]
+    groups = pair_groups(train, owner_row, cfg.batch_size, cfg.seed) if cfg.batching == "clustered" else None
     for epoch in range(start, cfg.epochs):
-        batches = epoch_batches(len(train.text_ids), cfg.batch_size, cfg.seed, epoch, rank, world)
+        batches = epoch_batches(len(train.text_ids), cfg.batch_size, cfg.seed, epoch, rank, world, groups)
         loss = train_epoch(model, opt, train, owner_row, batches, cfg, epoch, device)
         metrics = evaluate(inner, val, device) | {"epoch": epoch, "loss": loss, "resumed_at": start}
         if cfg.model_choice == "average":

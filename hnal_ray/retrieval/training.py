@@ -36,6 +36,9 @@ class TrainConfig:
     finetune_lr: float | None = None  # lr when fine-tuning (None: lr)
     model_choice: str = "best"     # "best": the epoch with the best validation rsum; "average": the
     average_epochs: int = 10       # uniform weight average of the last `average_epochs` epochs
+    batching: str = "random"       # "random": a seeded shuffle per epoch; "clustered": batches of look-alikes
+                                   # (pairs grouped by k-means of their images' frozen features), so the loss
+                                   # sees the hard negatives selection added (`pair_groups`)
     model: ModelConfig = field(default_factory=ModelConfig)
 
     def __post_init__(self):
@@ -45,6 +48,8 @@ class TrainConfig:
         if self.model_choice not in ("best", "average") or self.average_epochs < 1:
             raise ConfigError(f"train.model_choice must be 'best' or 'average' (average_epochs >= 1), got "
                               f"{self.model_choice!r}, {self.average_epochs}")
+        if self.batching not in ("random", "clustered"):
+            raise ConfigError(f"train.batching must be 'random' or 'clustered', got {self.batching!r}")
         if self.init not in ("scratch", "previous"):
             raise ConfigError(f"train.init must be 'scratch' or 'previous', got {self.init!r}")
         if not isinstance(self.threads, int) or self.threads < 1:
@@ -57,13 +62,37 @@ class TrainConfig:
         return cls(**d)
 
 
-def epoch_batches(n_pairs: int, batch_size: int, seed: int, epoch: int, rank: int, world: int) -> list[np.ndarray]:
+def epoch_batches(n_pairs: int, batch_size: int, seed: int, epoch: int, rank: int, world: int,
+                  groups: np.ndarray | None = None) -> list[np.ndarray]:
     """This worker's batches of pair indices: one seeded shuffle per epoch, each global batch cut
-    into `world` equal slices (the last, short batch is dropped so every worker steps together)."""
-    perm = np.random.default_rng([seed, epoch]).permutation(n_pairs)
+    into `world` equal slices (the last, short batch is dropped so every worker steps together).
+
+    With `groups` (one label per pair, `pair_groups`), the epoch's order keeps each group together:
+    the groups in a seeded random order, each one's pairs shuffled, cut into global batches that are
+    then visited in a seeded random order; so a batch holds look-alikes and the max-of-hinges loss
+    meets the hard negatives that random batches of a larger set rarely put side by side."""
+    rng = np.random.default_rng([seed, epoch])
+    perm = rng.permutation(n_pairs)
     per = max(batch_size // world, 1)
     n_batches = n_pairs // (per * world)
-    return [perm[(b * world + rank) * per:(b * world + rank + 1) * per] for b in range(n_batches)]
+    if groups is None:
+        return [perm[(b * world + rank) * per:(b * world + rank + 1) * per] for b in range(n_batches)]
+    groups = np.asarray(groups)
+    rank_of = np.empty(int(groups.max()) + 1 if len(groups) else 0, np.int64)
+    rank_of[np.unique(groups)] = rng.permutation(len(np.unique(groups)))
+    order = perm[np.argsort(rank_of[groups[perm]], kind="stable")]  # groups in random order, shuffled within
+    visit = rng.permutation(n_batches)
+    return [order[(b * world + rank) * per:(b * world + rank + 1) * per] for b in visit]
+
+
+def pair_groups(data: FeatureSet, owner_row: np.ndarray, batch_size: int, seed: int) -> np.ndarray:
+    """(n_pairs,) k-means labels of each pair's image (frozen features, unit-normalised; seeded;
+    about one cluster per batch), for `epoch_batches(..., groups=)`."""
+    from hnal_ray.score.clusters import assign, kmeans
+    feat = np.asarray(data.image_feat, np.float64)
+    feat = feat / np.maximum(np.linalg.norm(feat, axis=1, keepdims=True), 1e-12)
+    k = max(1, len(owner_row) // max(batch_size, 1))
+    return assign(feat, kmeans(feat, k, seed))[owner_row]
 
 
 def train_epoch(model: torch.nn.Module, opt: torch.optim.Optimizer, data: FeatureSet, owner_row: np.ndarray,
