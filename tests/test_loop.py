@@ -49,9 +49,11 @@ def test_smoke_run_writes_the_report(smoke):
     assert round0[0]["rsum"] == round0[1]["rsum"]   # one shared seed-set model per seed
     html = (out / "report.html").read_text()
     assert "curves.png" in html and "Why selected" in html and "Wall time per round" in html
-    # metrics: header + 6 rows; vs random and diagnostics: header + 2 rows each; times: header + 3 groups
-    assert html.count("<tr>") == 7 + 3 + 3 + 4
+    # metrics: header + 6 rows; vs random, annotations to reach and diagnostics: header + 2 rows each;
+    # times: header + 3 groups (no clustered strategy here, so no control table)
+    assert html.count("<tr>") == 7 + 3 + 3 + 3 + 4
     assert "Difference to random (paired by seed)" in html and "Selection diagnostics" in html
+    assert "Annotations to reach random" in html and "against its control" not in html
     thumbs = list((out / "thumbs").glob("*.png"))
     assert thumbs and all(f"thumbs/{t.name}" in html for t in thumbs)
     state = json.loads((out / "surplus-top1" / "seed-0" / "round-2" / "state.json").read_text())
