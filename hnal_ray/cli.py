@@ -7,7 +7,7 @@ import logging
 import shlex
 import sys
 
-from hnal_ray.config import ConfigError
+from hnal_ray.config import QUOTAS, ConfigError
 from hnal_ray.io import InputError
 
 
@@ -59,9 +59,12 @@ def add_score_args(p: argparse.ArgumentParser) -> None:
                    help="GEMM inputs; fp16/bf16 recompute undecided pairs in float64 (exact; for tensor cores)")
     p.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS or an embedded Ray)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--clusters", type=int, default=0, help="cluster strategy: k-means clusters (0: the budget)")
-    p.add_argument("--quota", default="equal", choices=["equal", "proportional", "hardness"],
-                   help="cluster strategy: picks per cluster")
+    p.add_argument("--clusters", type=int, default=0,
+                   help="cluster strategy: k-means clusters (0: the budget; quota uncovered: paired items + budget)")
+    p.add_argument("--quota", default="equal", choices=list(QUOTAS),
+                   help="cluster strategy: picks per cluster; uncovered (TypiClust): pool and paired items "
+                        "clustered together, the best item of each cluster without a paired item first, "
+                        "largest first")
     p.add_argument("--within", default="hardest", choices=["hardest", "random", "central"],
                    help="cluster strategy: the hardest items of each cluster, random ones (the control), or the "
                         "most central (typical) ones")

@@ -5,7 +5,7 @@ import dataclasses
 from dataclasses import dataclass
 
 STRATEGIES = ("hard-negative", "random", "coreset", "cluster", "coverage")
-QUOTAS = ("equal", "proportional", "hardness")
+QUOTAS = ("equal", "proportional", "hardness", "uncovered")
 WITHIN = ("hardest", "random", "central")
 SIDES = ("image", "text")
 PRECISIONS = ("fp32", "fp16", "bf16")
@@ -42,9 +42,12 @@ class ScoreConfig:
     device: str = "auto"
     block_pool: int = 4096
     block_anchor: int = 1024
-    clusters: int = 0              # cluster strategy: k-means clusters of the pool (0 = one per budget item)
+    clusters: int = 0              # cluster strategy: k-means clusters of the pool (0 = one per budget item;
+                                   # quota uncovered: one per paired item of the side plus one per budget item)
     quota: str = "equal"           # cluster strategy: picks per cluster, equal, proportional to its size, or
-                                   # to its hard negatives (items beating >= 1 paired text: Cluster-Margin-like)
+                                   # to its hard negatives (items beating >= 1 paired text: Cluster-Margin-like),
+                                   # or uncovered: TypiClust, pool and paired items clustered together, one
+                                   # item from each cluster without a paired item first, largest first
     within: str = "hardest"        # cluster strategy: the hardest items of a cluster, random ones (the
                                    # control), or the most central (typical) ones
     cluster_sample: int = 20000    # cluster strategy: pool items the k-means is fitted on (seeded sample)

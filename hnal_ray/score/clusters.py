@@ -5,16 +5,17 @@ Picks are ordered round-robin over clusters: an item's key is its rank within it
 by the cluster's weight (1 for `equal` quotas, the cluster's pool size for `proportional`), ties
 broken by score, max_margin and id as in `select_top`. The top B keys are the selection: with B
 clusters and equal quotas that is the best item of every cluster; a cluster with too few items
-leaves its share to the others. Everything is computed per row in float64, so the selection does
+leaves its share to the others. Quota `uncovered` is TypiClust's rule: the clusters are fitted on
+pool and paired items together, and the best item of each cluster holding no paired item comes
+first, largest cluster first. Everything is computed per row in float64, so the selection does
 not depend on how the pool is sharded.
 """
 from __future__ import annotations
 
 import numpy as np
 
+from hnal_ray.config import QUOTAS
 from hnal_ray.score.selection import Ranked
-
-QUOTAS = ("equal", "proportional", "hardness")
 
 
 def kmeans(x: np.ndarray, k: int, seed: int, iters: int = 25) -> np.ndarray:
@@ -42,12 +43,15 @@ def kmeans(x: np.ndarray, k: int, seed: int, iters: int = 25) -> np.ndarray:
     return centres
 
 
-def assign(emb: np.ndarray, centres: np.ndarray, block: int = 512) -> np.ndarray:
+def assign(emb: np.ndarray, centres: np.ndarray, block: int | None = None) -> np.ndarray:
     """(n,) int64 nearest centre (squared L2, float64, first index among ties) of each row.
 
     Each distance is an elementwise product summed along d, never a GEMM, so a row's label is
-    the same whatever other rows it is computed with (blocks, shards)."""
+    the same whatever other rows it is computed with (blocks, shards). `block` rows at a time
+    (default: at most 512, fewer when k * d is large, so the (block, k, d) product stays ~128 MB)."""
     emb = np.asarray(emb, np.float64)
+    if block is None:
+        block = max(1, min(512, (1 << 24) // max(1, centres.size)))
     c2 = (centres ** 2).sum(1)
     out = np.empty(len(emb), np.int64)
     for i in range(0, len(emb), block):
@@ -75,22 +79,35 @@ def per_cluster_top(ids: np.ndarray, scores: np.ndarray, max_margin: np.ndarray,
                   max_margin[keep].astype(np.float32)), cluster[keep]
 
 
+def covered_clusters(paired_emb: np.ndarray, centres: np.ndarray) -> np.ndarray:
+    """(k,) bool: the clusters that hold at least one of the (n_p, d) paired (labelled) items, by the
+    same exact `assign` as the pool (for quota uncovered)."""
+    return np.bincount(assign(paired_emb, centres), minlength=len(centres)) > 0
+
+
 def quota_select(cand: Ranked, cluster: np.ndarray, sizes: np.ndarray, budget: int, quota: str,
-                 hard: np.ndarray | None = None) -> Ranked:
+                 hard: np.ndarray | None = None, covered: np.ndarray | None = None) -> Ranked:
     """The global selection from all shards' candidates; `sizes`: (k,) pool items per cluster;
-    `hard`: (k,) its hard negatives (items with a positive hard-negative score), for quota hardness.
-    Both are integer counts summed over shards, so the weights do not depend on the sharding."""
+    `hard`: (k,) its hard negatives (items with a positive hard-negative score), for quota hardness;
+    `covered`: (k,) bool, whether it holds a paired item, for quota uncovered. The counts are
+    integers summed over shards, so the keys do not depend on the sharding."""
     if quota not in QUOTAS:
         raise ValueError(f"quota must be one of {QUOTAS}, got {quota!r}")
+    if quota == "uncovered" and covered is None:
+        raise ValueError("quota uncovered needs `covered`, the clusters holding a paired item")
     ids, scores, mm = cand.ids, cand.scores, cand.max_margin
     order = _cluster_order(ids, scores, mm, cluster)
     rank = np.empty(len(ids), np.int64)
     rank[order] = _rank_within(cluster[order])
-    counts = {"equal": np.ones(len(sizes)), "proportional": sizes, "hardness": hard}[quota]
-    weight = np.maximum(counts, 1).astype(np.float64)
-    key = (rank + 1) / weight[cluster]
+    if quota == "uncovered":  # TypiClust: every cluster's best item, uncovered then largest clusters first
+        sizes = np.asarray(sizes, np.int64)
+        keys = (cluster, -sizes[cluster], np.asarray(covered, bool)[cluster], rank)
+    else:
+        counts = {"equal": np.ones(len(sizes)), "proportional": sizes, "hardness": hard}[quota]
+        weight = np.maximum(counts, 1).astype(np.float64)
+        keys = ((rank + 1) / weight[cluster],)
     mmf = np.where(np.isnan(mm), -np.inf, mm)
-    pick = np.lexsort((ids, -mmf, -scores, key))[:budget]
+    pick = np.lexsort((ids, -mmf, -scores, *keys))[:budget]  # the last key sorts first
     return Ranked(ids[pick], scores[pick], mm[pick])
 
 

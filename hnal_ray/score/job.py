@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from hnal_ray.score.baselines import coreset_select, random_keys
-from hnal_ray.score.clusters import kmeans, quota_select
+from hnal_ray.score.clusters import covered_clusters, kmeans, quota_select
 from hnal_ray.score.coverage import SLACK, Candidates, greedy_cover
 from hnal_ray.config import ScoreConfig, ScoreInputs
 from hnal_ray.device import pick_device
@@ -114,7 +114,9 @@ def _run_locked(inputs: ScoreInputs, cfg: ScoreConfig, out: Path, make_backend) 
         work = _work_dir(out, key)
         manifest = json.loads((work / "manifest.json").read_text())
         thresholds = _thresholds(plan, cfg, backend, work, timings)
-        centres = _centres(plan, cfg, work, timings) if cfg.strategy == "cluster" else None
+        # quota uncovered (TypiClust): the side's paired items, in id order, join the fit and mark clusters covered
+        paired = load_keys_sorted(plan)[2] if cfg.strategy == "cluster" and cfg.quota == "uncovered" else None
+        centres = _centres(plan, cfg, work, timings, paired) if cfg.strategy == "cluster" else None
         m = manifest.get("candidates") or cfg.candidates or 4 * cfg.budget  # coverage: candidates per shard
         t = time.perf_counter()
         while True:
@@ -152,16 +154,22 @@ def _run_locked(inputs: ScoreInputs, cfg: ScoreConfig, out: Path, make_backend) 
         shard_info = [manifest["shards"][str(i)] for i in range(n_shards)]
         sizes = np.sum([m["cluster_counts"] for m in shard_info], axis=0)
         hard = np.sum([m["cluster_hard"] for m in shard_info], axis=0) if cfg.quota == "hardness" else None
+        covered = covered_clusters(paired, centres) if paired is not None else None
+        if covered is not None:
+            log.info("uncovered: %d of %d clusters hold no paired item", int((~covered).sum()), len(covered))
         cand = Ranked(*(np.concatenate([getattr(t, f) for t, _ in tops]) for f in ("ids", "scores", "max_margin")))
-        selection = quota_select(cand, np.concatenate([c for _, c in tops]), sizes, cfg.budget, cfg.quota, hard)
+        selection = quota_select(cand, np.concatenate([c for _, c in tops]), sizes, cfg.budget, cfg.quota, hard,
+                                 covered)
     else:
         selection = merge_top([t for t, _ in tops], cfg.budget)
     return _finish(out, work, selection, plan, cfg, inputs, key, t0, timings, manifest, backend_info)
 
 
-def _centres(plan: Plan, cfg: ScoreConfig, work: Path, timings: dict) -> np.ndarray:
+def _centres(plan: Plan, cfg: ScoreConfig, work: Path, timings: dict, paired: np.ndarray | None = None) -> np.ndarray:
     """Seeded k-means centres of a seeded sample of the pool (the items with the smallest random
-    keys, so the sample does not depend on file order), cached in the work dir."""
+    keys, so the sample does not depend on file order), cached in the work dir. `paired`: (n_p, d)
+    the side's paired items in id order, fitted after the sample (quota uncovered: TypiClust clusters
+    labelled and unlabelled items together, into n_p + budget clusters unless --clusters says)."""
     cache = work / "centres.npy"
     if cache.exists():
         return np.load(cache)
@@ -169,12 +177,16 @@ def _centres(plan: Plan, cfg: ScoreConfig, work: Path, timings: dict) -> np.ndar
     ids = np.concatenate([part for _, part in read_ids(plan.tables.pool_path, plan.tables.pool_id)])
     rows = np.sort(np.lexsort((ids, random_keys(ids, cfg.seed)))[: cfg.cluster_sample])
     sample = read_rows(plan.tables.pool_path, plan.tables.pool_id, rows, plan.dim)  # only the sample's rows
-    centres = kmeans(sample.emb[np.argsort(sample.ids, kind="stable")], cfg.clusters or cfg.budget, cfg.seed)
+    x, k = sample.emb[np.argsort(sample.ids, kind="stable")], cfg.clusters or cfg.budget
+    if paired is not None:
+        x, k = np.concatenate([x, paired]), cfg.clusters or len(paired) + cfg.budget
+    centres = kmeans(x, k, cfg.seed)
     tmp = work / ".centres.tmp.npy"
     np.save(tmp, centres)
     os.replace(tmp, cache)
     timings["kmeans_s"] = time.perf_counter() - t
-    log.info("k-means: %d centres from %d pool items in %.2fs", len(centres), len(rows), timings["kmeans_s"])
+    log.info("k-means: %d centres from %d pool and %d paired items in %.2fs", len(centres), len(rows),
+             0 if paired is None else len(paired), timings["kmeans_s"])
     return centres
 
 

@@ -52,20 +52,29 @@ def dense_assign(emb: np.ndarray, centres: np.ndarray) -> np.ndarray:
 
 
 def dense_quota_select(ids: np.ndarray, scores: np.ndarray, max_margin: np.ndarray, cluster: np.ndarray,
-                       n_clusters: int, budget: int, quota: str, hardness: np.ndarray | None = None) -> np.ndarray:
+                       n_clusters: int, budget: int, quota: str, hardness: np.ndarray | None = None,
+                       paired_cluster: np.ndarray | None = None) -> np.ndarray:
     """The cluster-quota rule written out with Python sorts: rank items within their cluster by the
     SPEC's order, key = (rank + 1) / weight (1, the cluster's size, or its number of items whose
-    hard-negative score `hardness` is > 0, at least 1), then the `budget` smallest keys."""
+    hard-negative score `hardness` is > 0, at least 1), then the `budget` smallest keys. Quota
+    uncovered (TypiClust): key = (rank, whether the cluster holds a paired item, i.e. is among
+    `paired_cluster`, minus its number of pool items, the cluster)."""
     sizes = np.bincount(cluster, minlength=n_clusters)
+    pool_sizes = sizes
     if quota == "hardness":
         sizes = np.bincount(cluster[np.asarray(hardness) > 0], minlength=n_clusters)
+    labelled = set() if paired_cluster is None else {int(c) for c in paired_cluster}
     rows = []
     for c in range(n_clusters):
         members = [(int(i), float(s), -np.inf if np.isnan(m) else float(m))
                    for i, s, m, cc in zip(ids, scores, max_margin, cluster) if cc == c]
         members.sort(key=lambda r: (-r[1], -r[2], r[0]))
-        weight = 1.0 if quota == "equal" else float(max(sizes[c], 1))  # proportional, hardness
-        rows += [((rank + 1) / weight, -s, -m, i) for rank, (i, s, m) in enumerate(members)]
+        if quota == "uncovered":
+            rows += [((rank, c in labelled, -int(pool_sizes[c]), c), -s, -m, i)
+                     for rank, (i, s, m) in enumerate(members)]
+        else:
+            weight = 1.0 if quota == "equal" else float(max(sizes[c], 1))  # proportional, hardness
+            rows += [((rank + 1) / weight, -s, -m, i) for rank, (i, s, m) in enumerate(members)]
     rows.sort()
     return np.array([r[3] for r in rows[:budget]], dtype=np.int64)
 
