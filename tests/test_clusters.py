@@ -85,22 +85,28 @@ def job(paths, out, shards, **kw):
 @pytest.mark.parametrize("within,quota,side,clusters", [
     ("hardest", "equal", "image", 6), ("random", "equal", "image", 6), ("hardest", "proportional", "text", 6),
     ("central", "equal", "image", 6), ("hardest", "hardness", "image", 6), ("random", "hardness", "text", 6),
-    ("central", "uncovered", "image", 0), ("central", "uncovered", "text", 0), ("hardest", "uncovered", "image", 12)])
+    ("central", "uncovered", "image", 0), ("central", "uncovered", "text", 0), ("hardest", "uncovered", "image", 12),
+    ("central", "uncovered", "image", -1)])   # -1: default k, a cluster sample smaller than the paired set
 def test_cluster_job_equals_dense_for_any_shard_count(tmp_path, within, quota, side, clusters):
     paths, raw = write_inputs(tmp_path / "in", np.random.default_rng(7), n_pool=80, side=side)
-    kw = dict(within=within, quota=quota, clusters=clusters, cluster_sample=50, seed=4, side=side)
+    sample = 50 if clusters >= 0 else 10
+    clusters = max(clusters, 0)
+    kw = dict(within=within, quota=quota, clusters=clusters, cluster_sample=sample, seed=4, side=side)
     summaries = {s: job(paths, tmp_path / f"s{s}", s, **kw) for s in (0, 1, 2, 3)}
     id_col = "image_id" if side == "image" else "text_id"
     # the reference: the same seeded sample and k-means, then dense scores, assignment and quotas
     pool_ids, pool = raw["pool_ids"], _unit(raw["pool_emb"])
-    rows = np.lexsort((pool_ids, random_keys(pool_ids, 4)))[:50]
+    rows = np.lexsort((pool_ids, random_keys(pool_ids, 4)))[:sample]
     rows = rows[np.argsort(pool_ids[rows])]
     fit, k, paired_cluster = pool[rows].astype(np.float32), clusters, None
     if quota == "uncovered":  # TypiClust: the side's paired items (in id order) join the fit; k = n_p + budget
         paired_ids, paired_emb = (raw["image_ids"], raw["image_emb"]) if side == "image" else \
             (raw["text_ids"], raw["text_emb"])
         paired = _unit(paired_emb[np.argsort(paired_ids)]).astype(np.float32)
-        fit, k = np.concatenate([fit, paired]), clusters or len(paired) + 9
+        sorted_ids = np.sort(paired_ids)
+        fitted = np.sort(np.lexsort((sorted_ids, random_keys(sorted_ids, 4)))[:sample])  # at most `sample` of them
+        assert sample >= 50 or len(fitted) < len(paired)
+        fit, k = np.concatenate([fit, paired[fitted]]), clusters or len(fitted) + 9
     centres = kmeans(fit, k, 4)
     cluster = dense_assign(pool.astype(np.float32), centres)
     if quota == "uncovered":

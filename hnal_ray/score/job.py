@@ -115,8 +115,10 @@ def _run_locked(inputs: ScoreInputs, cfg: ScoreConfig, out: Path, make_backend) 
         manifest = json.loads((work / "manifest.json").read_text())
         thresholds = _thresholds(plan, cfg, backend, work, timings)
         # quota uncovered (TypiClust): the side's paired items, in id order, join the fit and mark clusters covered
-        paired = load_keys_sorted(plan)[2] if cfg.strategy == "cluster" and cfg.quota == "uncovered" else None
-        centres = _centres(plan, cfg, work, timings, paired) if cfg.strategy == "cluster" else None
+        paired, paired_ids = None, None
+        if cfg.strategy == "cluster" and cfg.quota == "uncovered":
+            paired_ids, _, paired = load_keys_sorted(plan)
+        centres = _centres(plan, cfg, work, timings, paired, paired_ids) if cfg.strategy == "cluster" else None
         m = manifest.get("candidates") or cfg.candidates or 4 * cfg.budget  # coverage: candidates per shard
         t = time.perf_counter()
         while True:
@@ -165,11 +167,13 @@ def _run_locked(inputs: ScoreInputs, cfg: ScoreConfig, out: Path, make_backend) 
     return _finish(out, work, selection, plan, cfg, inputs, key, t0, timings, manifest, backend_info)
 
 
-def _centres(plan: Plan, cfg: ScoreConfig, work: Path, timings: dict, paired: np.ndarray | None = None) -> np.ndarray:
+def _centres(plan: Plan, cfg: ScoreConfig, work: Path, timings: dict, paired: np.ndarray | None = None,
+             paired_ids: np.ndarray | None = None) -> np.ndarray:
     """Seeded k-means centres of a seeded sample of the pool (the items with the smallest random
     keys, so the sample does not depend on file order), cached in the work dir. `paired`: (n_p, d)
     the side's paired items in id order, fitted after the sample (quota uncovered: TypiClust clusters
-    labelled and unlabelled items together, into n_p + budget clusters unless --clusters says)."""
+    labelled and unlabelled items together, into n_p + budget clusters unless --clusters says); at
+    most `cluster_sample` of them join the fit, chosen by the same seeded rule as the pool sample."""
     cache = work / "centres.npy"
     if cache.exists():
         return np.load(cache)
@@ -179,6 +183,8 @@ def _centres(plan: Plan, cfg: ScoreConfig, work: Path, timings: dict, paired: np
     sample = read_rows(plan.tables.pool_path, plan.tables.pool_id, rows, plan.dim)  # only the sample's rows
     x, k = sample.emb[np.argsort(sample.ids, kind="stable")], cfg.clusters or cfg.budget
     if paired is not None:
+        if len(paired) > cfg.cluster_sample:  # a large paired set: a seeded sample of it, in id order
+            paired = paired[np.sort(np.lexsort((paired_ids, random_keys(paired_ids, cfg.seed)))[: cfg.cluster_sample])]
         x, k = np.concatenate([x, paired]), cfg.clusters or len(paired) + cfg.budget
     centres = kmeans(x, k, cfg.seed)
     tmp = work / ".centres.tmp.npy"
