@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from hnal_ray.score.baselines import coreset_select, random_keys
+from hnal_ray.score.baselines import coreset_select, seeded_sample
 from hnal_ray.score.clusters import covered_clusters, kmeans, quota_select
 from hnal_ray.score.coverage import SLACK, Candidates, greedy_cover
 from hnal_ray.config import ScoreConfig, ScoreInputs
@@ -179,12 +179,12 @@ def _centres(plan: Plan, cfg: ScoreConfig, work: Path, timings: dict, paired: np
         return np.load(cache)
     t = time.perf_counter()
     ids = np.concatenate([part for _, part in read_ids(plan.tables.pool_path, plan.tables.pool_id)])
-    rows = np.sort(np.lexsort((ids, random_keys(ids, cfg.seed)))[: cfg.cluster_sample])
+    rows = seeded_sample(ids, cfg.seed, cfg.cluster_sample)
     sample = read_rows(plan.tables.pool_path, plan.tables.pool_id, rows, plan.dim)  # only the sample's rows
     x, k = sample.emb[np.argsort(sample.ids, kind="stable")], cfg.clusters or cfg.budget
     if paired is not None:
         if len(paired) > cfg.cluster_sample:  # a large paired set: a seeded sample of it, in id order
-            paired = paired[np.sort(np.lexsort((paired_ids, random_keys(paired_ids, cfg.seed)))[: cfg.cluster_sample])]
+            paired = paired[seeded_sample(paired_ids, cfg.seed, cfg.cluster_sample)]
         x, k = np.concatenate([x, paired]), cfg.clusters or len(paired) + cfg.budget
     centres = kmeans(x, k, cfg.seed)
     tmp = work / ".centres.tmp.npy"
