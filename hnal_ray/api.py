@@ -41,9 +41,11 @@ def select(paired_images: TableLike, paired_texts: TableLike, pool: TableLike, b
            strategy: str = "hard-negative", *, weight: str = "surplus", k: int = 1,
            threshold_batch: int | None = None, side: str = "image", seed: int = 0, shards: int = 0,
            address: str | None = None, device: str = "auto", block_pool: int = 4096, block_anchor: int = 1024,
-           clusters: int = 0, quota: str = "equal", within: str = "hardest", cluster_sample: int = 20000,
+           clusters: int = 0, quota: str = "equal", within: str = "hardest", cluster_sample: int = 262144,
            wait: bool = False, out: str | os.PathLike | None = None, shard_rows: int = 1_000_000,
-           stream_rows: int = 65536, precision: str = "fp32", candidates: int = 0) -> Selection:
+           stream_rows: int = 65536, precision: str = "fp32", candidates: int = 0,
+           max_points_per_centroid: int = 32, fit_iters: int = 2, max_clusters: int = 0, min_cluster_size: int = 0,
+           typical_cap: int = 1000) -> Selection:
     """Score `pool` against the paired set and select the top `budget` items (`hnal score`).
 
     Each input is a Parquet path (file or directory), a pyarrow Table, or a mapping of column name
@@ -61,7 +63,9 @@ def select(paired_images: TableLike, paired_texts: TableLike, pool: TableLike, b
                       side=side, seed=seed, shards=shards, address=address, device=device,
                       block_pool=block_pool, block_anchor=block_anchor, clusters=clusters, quota=quota,
                       within=within, cluster_sample=cluster_sample, wait=wait, shard_rows=shard_rows,
-                      stream_rows=stream_rows, precision=precision, candidates=candidates)
+                      stream_rows=stream_rows, precision=precision, candidates=candidates,
+                      max_points_per_centroid=max_points_per_centroid, fit_iters=fit_iters,
+                      max_clusters=max_clusters, min_cluster_size=min_cluster_size, typical_cap=typical_cap)
     scratch = Path(tempfile.mkdtemp(prefix="hnal-select-"))
     try:
         named = {}

@@ -7,7 +7,7 @@ import logging
 import shlex
 import sys
 
-from hnal_ray.config import QUOTAS, ConfigError
+from hnal_ray.config import QUOTAS, WITHIN, ConfigError
 from hnal_ray.io import InputError
 
 
@@ -65,10 +65,21 @@ def add_score_args(p: argparse.ArgumentParser) -> None:
                    help="cluster strategy: picks per cluster; uncovered (TypiClust): pool and paired items "
                         "clustered together, the best item of each cluster without a paired item first, "
                         "largest first")
-    p.add_argument("--within", default="hardest", choices=["hardest", "random", "central"],
-                   help="cluster strategy: the hardest items of each cluster, random ones (the control), or the "
-                        "most central (typical) ones")
-    p.add_argument("--cluster-sample", type=int, default=20000, help="cluster strategy: k-means sample size")
+    p.add_argument("--within", default="hardest", choices=list(WITHIN),
+                   help="cluster strategy: the hardest items of each cluster, random ones (the control), the "
+                        "most central (nearest the centre), or the most typical (TypiClust's kNN density; with "
+                        "--quota uncovered)")
+    p.add_argument("--cluster-sample", type=int, default=262144,
+                   help="cluster strategy: most items the driver's FAISS start of the k-means sees")
+    p.add_argument("--max-points-per-centroid", type=int, default=32,
+                   help="cluster strategy: the k-means fit sample, at most this many items per cluster")
+    p.add_argument("--fit-iters", type=int, default=2,
+                   help="cluster strategy: exact Lloyd steps over the fit sample on the workers (checkpointed)")
+    p.add_argument("--max-clusters", type=int, default=0, help="cluster strategy: cap on k (0: none; TypiClust 500)")
+    p.add_argument("--min-cluster-size", type=int, default=0,
+                   help="quota uncovered: clusters of at most this many items are visited last (TypiClust 5)")
+    p.add_argument("--typical-cap", type=int, default=1000,
+                   help="within typical: a larger cluster's typicality uses a seeded sample of about this many")
     p.add_argument("--candidates", type=int, default=0,
                    help="coverage strategy: best items per shard sent to the greedy first (0: 4 x budget)")
     p.add_argument("--block-pool", type=int, default=4096)
@@ -84,6 +95,8 @@ def cmd_score(a: argparse.Namespace) -> int:
                  threshold_batch=a.threshold_batch, side=a.side, seed=a.seed, shards=a.shards, address=a.address,
                  device=a.device, block_pool=a.block_pool, block_anchor=a.block_anchor, clusters=a.clusters,
                  quota=a.quota, within=a.within, cluster_sample=a.cluster_sample, wait=a.wait, candidates=a.candidates,
+                 max_points_per_centroid=a.max_points_per_centroid, fit_iters=a.fit_iters,
+                 max_clusters=a.max_clusters, min_cluster_size=a.min_cluster_size, typical_cap=a.typical_cap,
                  out=a.out, shard_rows=a.shard_rows, stream_rows=a.stream_rows, precision=a.precision)
     print(json.dumps({"out": a.out, "selected": res.summary["counts"]["selected"],
                       "pairs_per_second": round(res.summary["pairs_per_second"])}))

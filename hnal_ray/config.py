@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 STRATEGIES = ("hard-negative", "random", "coreset", "cluster", "coverage")
 QUOTAS = ("equal", "proportional", "hardness", "uncovered")
-WITHIN = ("hardest", "random", "central")
+WITHIN = ("hardest", "random", "central", "typical")
 SIDES = ("image", "text")
 PRECISIONS = ("fp32", "fp16", "bf16")
 
@@ -49,8 +49,19 @@ class ScoreConfig:
                                    # or uncovered: TypiClust, pool and paired items clustered together, one
                                    # item from each cluster without a paired item first, largest first
     within: str = "hardest"        # cluster strategy: the hardest items of a cluster, random ones (the
-                                   # control), or the most central (typical) ones
-    cluster_sample: int = 20000    # cluster strategy: pool items the k-means is fitted on (seeded sample)
+                                   # control), the most central (nearest the centre), or the most typical
+                                   # (TypiClust: densest among their nearest neighbours in the cluster)
+    cluster_sample: int = 262144   # cluster strategy: most items (pool and paired) the k-means start is
+                                   # fitted on in the driver (FAISS); a seeded share of the fit sample
+    max_points_per_centroid: int = 32  # cluster strategy: the fit sample is at most this many items per
+                                   # cluster, pool and paired in proportion to their counts
+    fit_iters: int = 2             # cluster strategy: exact Lloyd steps over the fit sample on the workers
+                                   # after the FAISS start (each checkpointed)
+    max_clusters: int = 0          # cluster strategy: at most this many clusters (0: no cap; TypiClust: 500)
+    min_cluster_size: int = 0      # quota uncovered: clusters of at most this many items (pool and paired)
+                                   # are visited after all others (TypiClust: 5)
+    typical_cap: int = 1000        # within typical: a larger cluster's typicality is computed on a seeded
+                                   # sample of about this many of its pool items
     wait: bool = False             # wait for another run writing the same --out instead of refusing
     candidates: int = 0            # coverage strategy: best items per shard sent to the driver's greedy at
                                    # first (0: 4 x budget); 4x more until every pick is proved exact
@@ -74,6 +85,14 @@ class ScoreConfig:
             (self.within in WITHIN, f"--within must be one of {WITHIN}, got {self.within!r}"),
             (self.candidates >= 0, f"--candidates must be >= 0, got {self.candidates}"),
             (self.cluster_sample >= 1, f"--cluster-sample must be >= 1, got {self.cluster_sample}"),
+            (self.max_points_per_centroid >= 1,
+             f"--max-points-per-centroid must be >= 1, got {self.max_points_per_centroid}"),
+            (self.fit_iters >= 0, f"--fit-iters must be >= 0, got {self.fit_iters}"),
+            (self.max_clusters >= 0 and self.min_cluster_size >= 0,
+             "--max-clusters and --min-cluster-size must be >= 0"),
+            (self.typical_cap >= 2, f"--typical-cap must be >= 2, got {self.typical_cap}"),
+            (self.within != "typical" or self.quota == "uncovered",
+             "--within typical goes with --quota uncovered (TypiClust's visiting order)"),
             (self.precision in PRECISIONS, f"--precision must be one of {PRECISIONS}, got {self.precision!r}"),
         ]
         for ok, msg in checks:

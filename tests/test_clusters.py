@@ -11,9 +11,10 @@ from helpers import _unit, write_inputs
 from hnal_ray.config import ConfigError, ScoreConfig, ScoreInputs
 from hnal_ray.io import embedding_array
 from hnal_ray.score.baselines import random_keys
-from hnal_ray.score.clusters import assign, covered_clusters, kmeans, per_cluster_top, quota_select
+from hnal_ray.score.clusters import per_cluster_top, quota_select
 from hnal_ray.score.job import LocalBackend, run_score
-from hnal_ray.score.reference import dense_assign, dense_quota_select, dense_scores, dense_thresholds
+from hnal_ray.score.kmeans import fit_centres, fit_fraction, in_fit
+from hnal_ray.score.reference import dense_assign, dense_lloyd, dense_quota_select, dense_scores, dense_thresholds
 from hnal_ray.score.selection import Ranked
 
 
@@ -27,51 +28,51 @@ def test_quota_merge_of_shard_candidates_equals_dense(seed, quota):
     margin = np.where(rng.random(n) < 0.2, np.nan, rng.integers(-3, 3, n) / 4).astype(np.float32)
     cluster = rng.integers(0, k, n)
     paired_cluster = rng.integers(0, k, int(rng.integers(1, k + 1)))      # the clusters of the labelled items
-    covered = np.bincount(paired_cluster, minlength=k) > 0
-    want = dense_quota_select(ids, scores, margin, cluster, k, budget, quota, paired_cluster=paired_cluster)
+    paired = np.bincount(paired_cluster, minlength=k)
+    min_size = int(rng.integers(0, 30))
+    want = dense_quota_select(ids, scores, margin, cluster, k, budget, quota, paired_cluster=paired_cluster,
+                              min_size=min_size)
     for shards in (1, 3, 7):
         cuts = np.linspace(0, n, shards + 1).astype(int)
         parts = [per_cluster_top(ids[a:b], scores[a:b], margin[a:b], cluster[a:b], budget)
                  for a, b in zip(cuts[:-1], cuts[1:])]
         cand = Ranked(*(np.concatenate([getattr(p, f) for p, _ in parts]) for f in ("ids", "scores", "max_margin")))
         got = quota_select(cand, np.concatenate([c for _, c in parts]), np.bincount(cluster, minlength=k), budget,
-                           quota, covered=covered)
+                           quota, paired=paired, min_size=min_size)
         assert got.ids.tolist() == want.tolist()
 
 
 def test_uncovered_quota_takes_uncovered_clusters_first_largest_first():
     """TypiClust's order on a known answer: the best item of each cluster without a labelled item,
-    largest cluster first, then the covered clusters' best items, then second items."""
+    largest cluster first, then the covered clusters' best items (fewest labelled first), then second
+    items; with a minimum size, the small clusters after all others."""
     sizes = [5, 3, 4, 2, 4]                  # pool items of clusters 0..4; 0 and 3 hold a labelled item
     cluster = np.repeat(np.arange(5), sizes)
     ids = np.arange(len(cluster), dtype=np.int64) * 10 + 7
     scores = -np.arange(len(cluster), dtype=np.float64) % 5   # the best item of a cluster is not its first
     margin = np.full(len(cluster), np.nan, np.float32)
-    covered = np.array([True, False, False, True, False])
+    paired = np.array([2, 0, 0, 1, 0])
     best = {c: ids[cluster == c][np.argmax(scores[cluster == c])] for c in range(5)}
-    # uncovered: 2 and 4 (4 items each, smaller index first), then 1 (3); covered: 0 (5), then 3 (2)
-    order = [best[2], best[4], best[1], best[0], best[3]]
+    # uncovered: 2 and 4 (4 items each, smaller index first), then 1 (3); covered: 3 (1 labelled), then 0 (2)
+    order = [best[2], best[4], best[1], best[3], best[0]]
     want = dense_quota_select(ids, scores, margin, cluster, 5, 7, "uncovered", paired_cluster=np.array([3, 0, 0]))
     assert want[:5].tolist() == order
     assert all(cluster[ids == i][0] in (2, 4) for i in want[5:])      # second items: round robin, same order
     for budget in (1, 3, 5, 7):
         got = quota_select(Ranked(ids, scores, margin), cluster, np.bincount(cluster), budget, "uncovered",
-                           covered=covered)
+                           paired=paired)
         assert got.ids.tolist() == want[:budget].tolist()
+    # clusters of at most 3 items (pool + labelled: 1 and 3) come after every other cluster's items
+    small = quota_select(Ranked(ids, scores, margin), cluster, np.bincount(cluster), 15, "uncovered", paired=paired,
+                         min_size=3)
+    assert small.ids.tolist() == dense_quota_select(ids, scores, margin, cluster, 5, 15, "uncovered",
+                                                    paired_cluster=np.array([3, 0, 0]), min_size=3).tolist()
+    visited = [int(cluster[ids == i][0]) for i in small.ids]
+    assert visited[:3] == [2, 4, 0] and set(visited[:13]) == {0, 2, 4} and set(visited[13:]) == {1, 3}
     equal = quota_select(Ranked(ids, scores, margin), cluster, np.bincount(cluster), 3, "equal")
     assert equal.ids.tolist() != order[:3]   # the rule is not the plain round robin
-    with pytest.raises(ValueError, match="needs `covered`"):
+    with pytest.raises(ValueError, match="needs `paired`"):
         quota_select(Ranked(ids, scores, margin), cluster, np.bincount(cluster), 3, "uncovered")
-
-
-def test_assignment_is_row_independent_and_matches_dense():
-    rng = np.random.default_rng(0)
-    x = _unit(rng.standard_normal((300, 16))).astype(np.float32)
-    centres = kmeans(x[:100], 8, seed=3)
-    assert centres.shape == (8, 16) and np.array_equal(centres, kmeans(x[:100], 8, seed=3))
-    full = assign(x, centres)
-    assert np.array_equal(full, dense_assign(x, centres))
-    assert np.array_equal(np.concatenate([assign(x[i:i + 37], centres, block=5) for i in range(0, 300, 37)]), full)
 
 
 def job(paths, out, shards, **kw):
@@ -85,29 +86,38 @@ def job(paths, out, shards, **kw):
 @pytest.mark.parametrize("within,quota,side,clusters", [
     ("hardest", "equal", "image", 6), ("random", "equal", "image", 6), ("hardest", "proportional", "text", 6),
     ("central", "equal", "image", 6), ("hardest", "hardness", "image", 6), ("random", "hardness", "text", 6),
-    ("central", "uncovered", "image", 0), ("central", "uncovered", "text", 0), ("hardest", "uncovered", "image", 12),
-    ("central", "uncovered", "image", -1)])   # -1: default k, a cluster sample smaller than the paired set
+    ("central", "uncovered", "image", 0), ("central", "uncovered", "text", 0), ("hardest", "uncovered", "image", 40),
+    ("central", "uncovered", "image", -1)])   # -1: default k, fitted on a sample (one item per centroid)
 def test_cluster_job_equals_dense_for_any_shard_count(tmp_path, within, quota, side, clusters):
     paths, raw = write_inputs(tmp_path / "in", np.random.default_rng(7), n_pool=80, side=side)
-    sample = 50 if clusters >= 0 else 10
+    cluster_sample, mppc = (50, 32) if clusters >= 0 else (20, 1)
     clusters = max(clusters, 0)
-    kw = dict(within=within, quota=quota, clusters=clusters, cluster_sample=sample, seed=4, side=side)
+    kw = dict(within=within, quota=quota, clusters=clusters, cluster_sample=cluster_sample, seed=4, side=side,
+              max_points_per_centroid=mppc)
     summaries = {s: job(paths, tmp_path / f"s{s}", s, **kw) for s in (0, 1, 2, 3)}
     id_col = "image_id" if side == "image" else "text_id"
-    # the reference: the same seeded sample and k-means, then dense scores, assignment and quotas
+    # the reference: the same seeded samples, the FAISS start, plain float64 Lloyd steps, then dense
+    # scores, assignment and quotas
     pool_ids, pool = raw["pool_ids"], _unit(raw["pool_emb"])
-    rows = np.lexsort((pool_ids, random_keys(pool_ids, 4)))[:sample]
-    rows = rows[np.argsort(pool_ids[rows])]
-    fit, k, paired_cluster = pool[rows].astype(np.float32), clusters, None
-    if quota == "uncovered":  # TypiClust: the side's paired items (in id order) join the fit; k = n_p + budget
+    paired_ids = paired = paired_cluster = None
+    if quota == "uncovered":  # TypiClust: the side's paired items join the fit; k = n_p + budget
         paired_ids, paired_emb = (raw["image_ids"], raw["image_emb"]) if side == "image" else \
             (raw["text_ids"], raw["text_emb"])
-        paired = _unit(paired_emb[np.argsort(paired_ids)]).astype(np.float32)
-        sorted_ids = np.sort(paired_ids)
-        fitted = np.sort(np.lexsort((sorted_ids, random_keys(sorted_ids, 4)))[:sample])  # at most `sample` of them
-        assert sample >= 50 or len(fitted) < len(paired)
-        fit, k = np.concatenate([fit, paired[fitted]]), clusters or len(fitted) + 9
-    centres = kmeans(fit, k, 4)
+        paired = _unit(paired_emb).astype(np.float32)
+    n_items = len(pool_ids) + (0 if paired is None else len(paired))
+    k = min(clusters or (0 if paired is None else len(paired)) + 9, n_items)
+    fraction = fit_fraction(n_items, k, mppc)
+    assert (fraction < 1) == (mppc == 1)
+
+    def sample(f):
+        rows = [(pool_ids, pool.astype(np.float32))] + ([] if paired is None else [(paired_ids, paired)])
+        return np.concatenate([e[in_fit(i, 4, f)][np.argsort(i[in_fit(i, 4, f)])] for i, e in rows])
+
+    centres = dense_lloyd(sample(fraction), fit_centres(sample(min(fraction, max(cluster_sample, 2 * k) / n_items)), k, 4), 2)
+    for s in summaries:
+        got_centres = np.load(tmp_path / f"s{s}" / "centres.npy")
+        assert got_centres.shape == centres.shape and np.abs(got_centres - centres).max() < 1e-8, s
+    centres = np.load(tmp_path / "s0" / "centres.npy")
     cluster = dense_assign(pool.astype(np.float32), centres)
     if quota == "uncovered":
         paired_cluster = dense_assign(paired, centres)
@@ -217,4 +227,3 @@ def test_bad_quota_is_one_config_error_and_uncovered_passes_everywhere():
     a = build_parser().parse_args(["score", "--paired-images", "a", "--paired-texts", "b", "--pool", "c",
                                    "--budget", "2", "--strategy", "cluster", "--quota", "uncovered", "--out", "o"])
     assert a.quota == "uncovered"
-    assert covered_clusters(np.eye(3)[[0, 0, 2]], np.eye(3)).tolist() == [True, False, True]

@@ -164,3 +164,19 @@ cfg = ScoreConfig(budget=7, shard_rows=21)  # three shards of the 60-row pool, i
 run_score(ScoreInputs(p["paired_images"], p["paired_texts"], p["pool"]), cfg, sys.argv[1],
           lambda: LocalBackend("cpu"))
 """
+
+
+@pytest.mark.parametrize("within", ["typical", "central"])
+def test_cluster_selection_is_the_same_for_any_shards_and_actors(tmp_path, inputs, within):
+    """The k-means fit (Lloyd steps on the actors), the assignment and TypiClust's picks: the same
+    centres and selection in-process and on 1 or 2 actors taking 1, 2 or 5 shards."""
+    flags = ["--strategy", "cluster", "--quota", "uncovered", "--within", within, "--clusters", 12,
+             "--max-points-per-centroid", 3, "--typical-cap", 4, "--seed", 2]
+    single = run(inputs["image"], tmp_path / "single", *flags)
+    for actors, shard_rows in ((1, 1_000_000), (2, 30), (2, 12), (1, 12)):
+        out = run(inputs["image"], tmp_path / f"s{actors}-{shard_rows}", *flags, "--shards", actors,
+                  "--shard-rows", shard_rows, "--stream-rows", 4)
+        same_outputs(single, out)
+        assert np.array_equal(np.load(out / "centres.npy"), np.load(single / "centres.npy"))
+        summary = json.loads((out / "summary.json").read_text())
+        assert len(summary["workers"]) == actors and summary["timings"]["kmeans_s"] > 0

@@ -141,7 +141,8 @@ def test_clustered_batches_keep_look_alikes_together_and_split_like_random_ones(
 def test_pair_groups_are_kmeans_of_the_images_and_a_clustered_fit_learns(tmp_path):
     from hnal_ray.cluster.train import fit
     from hnal_ray.retrieval.training import pair_groups
-    from hnal_ray.score.clusters import assign, kmeans
+    from hnal_ray.score.kmeans import fit_centres
+    from hnal_ray.score.reference import dense_assign
 
     ids = synthetic_features(tmp_path, seed=3)
     data = load_features(tmp_path)
@@ -149,7 +150,8 @@ def test_pair_groups_are_kmeans_of_the_images_and_a_clustered_fit_learns(tmp_pat
     owner_row = np.searchsorted(train.image_ids, train.text_owner)
     got = pair_groups(train, owner_row, 32, 5)
     unit = train.image_feat / np.linalg.norm(train.image_feat, axis=1, keepdims=True)
-    want = assign(unit, kmeans(unit, len(owner_row) // 32, 5))[owner_row]
+    centres = fit_centres(unit.astype(np.float32), len(owner_row) // 32, 5)   # the same seeded fit
+    want = dense_assign(unit.astype(np.float32), centres)[owner_row]          # the float64 reference's labels
     assert np.array_equal(got, want) and len(np.unique(got)) > 1
     cfg = TrainConfig(epochs=6, batch_size=32, lr=3e-3, warmup_epochs=1, num_workers=0, batching="clustered",
                       model=ModelConfig(image_dim=32, text_dim=16, embed_dim=16, hidden=64))

@@ -51,6 +51,17 @@ def add_bench_parser(subparsers) -> None:
     st.add_argument("--address", default=None)
     st.add_argument("--json", default=None, help="also write the figures here as JSON")
     st.set_defaults(func=cmd_bench_stream)
+    from hnal_ray.bench.select import SelectBenchConfig
+    sp = bench.add_parser("select", help="the recommended (TypiClust) selection at pool scale vs the Surplus score")
+    sp.add_argument("--root", required=True, help="where the synthetic pools and outputs go (needs the disk space)")
+    for f in dataclasses.fields(SelectBenchConfig):
+        if f.name == "sizes":
+            sp.add_argument("--sizes", type=_tuple(int), default=f.default, help="pool sizes, e.g. 1000000,10000000")
+        elif f.type in ("int", "bool") and f.name != "root":
+            sp.add_argument("--" + f.name.replace("_", "-"), type=int, default=f.default)
+    sp.add_argument("--address", default=None)
+    sp.add_argument("--json", default=None, help="also write the figures here as JSON")
+    sp.set_defaults(func=cmd_bench_select)
 
 
 def cmd_bench_score(a: argparse.Namespace) -> int:
@@ -84,6 +95,19 @@ def cmd_bench_stream(a: argparse.Namespace) -> int:
                        shard_rows=a.shard_rows, budget=a.budget)
     res = run_stream_bench(cfg, a.address)
     print(format_stream_table(res))
+    if a.json:
+        write_json(res, a.json)
+    return 0
+
+
+def cmd_bench_select(a: argparse.Namespace) -> int:
+    from hnal_ray.bench.select import SelectBenchConfig, format_select_table, run_select_bench
+    from hnal_ray.io import write_json
+
+    cfg = SelectBenchConfig(**{f.name: (bool(getattr(a, f.name)) if f.type == "bool" else getattr(a, f.name))
+                               for f in dataclasses.fields(SelectBenchConfig)})
+    res = run_select_bench(cfg, a.address)
+    print(format_select_table(res))
     if a.json:
         write_json(res, a.json)
     return 0

@@ -30,6 +30,9 @@ class ScoreActor:
     def info(self) -> dict:
         return self.worker.info() | {"node_id": ray.get_runtime_context().get_node_id()}
 
+    def run(self, method: str, *args):
+        return getattr(self.worker, method)(*args)
+
     def threshold_part(self, spec: ShardSpec, anchors: Anchors, k: int, stream_rows: int) -> np.ndarray:
         return self.worker.threshold_part(spec, anchors, k, stream_rows)
 
@@ -94,12 +97,19 @@ class RayBackend:
             free.append(pending.pop(done[0]))
             yield _get(done[0])
 
+    def run(self, method, calls):
+        """Large arguments (centres, arrays) are put in the object store once, shared by every call."""
+        big = [tuple(self._put(a) if isinstance(a, np.ndarray) and a.nbytes > 1 << 16 else a for a in args)
+               for args in calls]
+        yield from self._queue("run", [(method, *args) for args in big])
+
     def threshold_parts(self, shards, anchors, k, stream_rows):
         ref = self._put(anchors)
         return list(self._queue("threshold_part", [(s, ref, k, stream_rows) for s in shards]))
 
     def score(self, shards, tasks, anchors, thresholds, part_paths):
         a_ref, t_ref = self._put(anchors), self._put(thresholds)
+        tasks = [self._put(t) for t in tasks]  # one task object (with its centres) is put once, not per shard
         yield from self._queue("score", [(s, task, a_ref, t_ref, path)
                                          for s, task, path in zip(shards, tasks, part_paths)])
 

@@ -26,6 +26,8 @@ class StrategyConfig:
     clusters: int = 0              # cluster strategy (see `hnal score --strategy cluster`)
     quota: str = "equal"
     within: str = "hardest"
+    max_clusters: int = 0          # cluster strategy: cap on k (TypiClust: 500)
+    min_cluster_size: int = 0      # quota uncovered: clusters this small are visited last (TypiClust: 5)
     reducible: bool = False        # hard-negative only: minus the score under a reference model trained
                                    # on the validation pairs (RHO-LOSS-style: hardness the model can reduce)
     switch_at: int | None = None   # budget-aware: from this many paired images on, select with `then`
@@ -37,14 +39,16 @@ class StrategyConfig:
         if (self.switch_at is None) != (self.then is None):
             raise ConfigError(f"strategies: {self.name}: switch_at and then go together")
         if self.then is not None:
-            allowed = {"strategy", "weight", "k", "threshold_batch", "clusters", "quota", "within"}
+            allowed = {"strategy", "weight", "k", "threshold_batch", "clusters", "quota", "within", "max_clusters",
+                       "min_cluster_size"}
             if not isinstance(self.then, dict) or set(self.then) - allowed:
                 raise ConfigError(f"strategies: {self.name}: then may set only {sorted(allowed)}, got {self.then!r}")
 
     def score_config(self, budget: int, seed: int, shards: int, paired_images: int = 0) -> ScoreConfig:
         """The `hnal score` options for a round that starts with `paired_images` paired images."""
         opts = {"strategy": self.strategy, "weight": self.weight, "k": self.k, "threshold_batch": self.threshold_batch,
-                "clusters": self.clusters, "quota": self.quota, "within": self.within}
+                "clusters": self.clusters, "quota": self.quota, "within": self.within,
+                "max_clusters": self.max_clusters, "min_cluster_size": self.min_cluster_size}
         if self.switch_at is not None and paired_images >= self.switch_at:
             opts |= self.then
         return ScoreConfig(budget=budget, side=self.side, seed=seed, shards=shards, **opts)

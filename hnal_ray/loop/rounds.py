@@ -79,14 +79,13 @@ def load_context(features: str, data: str, image_maps: bool = False) -> Context:
 
 
 def frozen_clusters(feat: np.ndarray, k: int, seed: int = 0) -> np.ndarray:
-    """(n,) k-means cluster of each frozen feature row (FAISS, seeded, one thread): diagnostics only."""
-    import faiss
+    """(n,) k-means cluster of each frozen feature row (unit-normalised; the project's one k-means,
+    seeded): diagnostics only."""
+    from hnal_ray.score.kmeans import cluster_labels
 
-    faiss.omp_set_num_threads(1)
-    x = np.ascontiguousarray(feat, np.float32)
-    km = faiss.Kmeans(x.shape[1], min(k, len(x)), niter=20, seed=seed, verbose=False)
-    km.train(x)
-    return km.index.search(x, 1)[1][:, 0].astype(np.int64)
+    x = np.asarray(feat, np.float64)
+    x = (x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)).astype(np.float32)
+    return cluster_labels(x, k, seed)[1]
 
 
 def round_dir(out: Path, strategy: str | None, seed: int, r: int) -> Path:

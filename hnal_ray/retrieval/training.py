@@ -88,11 +88,11 @@ def epoch_batches(n_pairs: int, batch_size: int, seed: int, epoch: int, rank: in
 def pair_groups(data: FeatureSet, owner_row: np.ndarray, batch_size: int, seed: int) -> np.ndarray:
     """(n_pairs,) k-means labels of each pair's image (frozen features, unit-normalised; seeded;
     about one cluster per batch), for `epoch_batches(..., groups=)`."""
-    from hnal_ray.score.clusters import assign, kmeans
+    from hnal_ray.score.kmeans import cluster_labels
     feat = np.asarray(data.image_feat, np.float64)
-    feat = feat / np.maximum(np.linalg.norm(feat, axis=1, keepdims=True), 1e-12)
+    feat = (feat / np.maximum(np.linalg.norm(feat, axis=1, keepdims=True), 1e-12)).astype(np.float32)
     k = max(1, len(owner_row) // max(batch_size, 1))
-    return assign(feat, kmeans(feat, k, seed))[owner_row]
+    return cluster_labels(feat, k, seed)[1][owner_row]
 
 
 def train_epoch(model: torch.nn.Module, opt: torch.optim.Optimizer, data: FeatureSet, owner_row: np.ndarray,

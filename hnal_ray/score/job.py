@@ -21,11 +21,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from hnal_ray.score.baselines import coreset_select, seeded_sample
-from hnal_ray.score.clusters import covered_clusters, kmeans, quota_select
+from hnal_ray.score.baselines import coreset_select
+from hnal_ray.score.clusters import quota_select, visit_plan
+from hnal_ray.score.kmeans import fit_centres, fit_fraction, in_fit, lloyd_update
 from hnal_ray.score.coverage import SLACK, Candidates, greedy_cover
 from hnal_ray.config import ScoreConfig, ScoreInputs
-from hnal_ray.device import pick_device
+from hnal_ray.device import faiss_uses_gpu, pick_device
 from hnal_ray.io import read_embeddings, read_ids, read_rows, write_json, write_parquet
 from hnal_ray.score.outdir import check_out, out_lock
 from hnal_ray.score.plan import Plan, check_inputs, input_fingerprint, key_shards, load_keys_sorted, pool_shards
@@ -42,6 +43,8 @@ class Backend(Protocol):
     def score(self, shards: list[ShardSpec], tasks: list[ScoreTask], anchors: Anchors | None,
               thresholds: np.ndarray | None, part_paths: list[str]) -> Iterator[ShardResult]:
         """Score the given pool shards (task and output path per shard); yield results as they finish."""
+    def run(self, method: str, calls: list[tuple]) -> Iterator:
+        """ScoreWorker.`method`(*args) for each args tuple, on whichever worker is free; results as they finish."""
     def info(self) -> dict: ...
     def close(self) -> None: ...
 
@@ -58,6 +61,10 @@ class LocalBackend:
     def score(self, shards, tasks, anchors, thresholds, part_paths):
         for spec, task, path in zip(shards, tasks, part_paths):
             yield self.worker.score(spec, task, anchors, thresholds, path)
+
+    def run(self, method, calls):
+        for args in calls:
+            yield getattr(self.worker, method)(*args)
 
     def info(self):
         return {"backend": "local", "workers": [self.worker.info()]}
@@ -114,11 +121,7 @@ def _run_locked(inputs: ScoreInputs, cfg: ScoreConfig, out: Path, make_backend) 
         work = _work_dir(out, key)
         manifest = json.loads((work / "manifest.json").read_text())
         thresholds = _thresholds(plan, cfg, backend, work, timings)
-        # quota uncovered (TypiClust): the side's paired items, in id order, join the fit and mark clusters covered
-        paired, paired_ids = None, None
-        if cfg.strategy == "cluster" and cfg.quota == "uncovered":
-            paired_ids, _, paired = load_keys_sorted(plan)
-        centres = _centres(plan, cfg, work, timings, paired, paired_ids) if cfg.strategy == "cluster" else None
+        centres = _centres(plan, cfg, backend, work, timings) if cfg.strategy == "cluster" else None
         m = manifest.get("candidates") or cfg.candidates or 4 * cfg.budget  # coverage: candidates per shard
         t = time.perf_counter()
         while True:
@@ -145,55 +148,159 @@ def _run_locked(inputs: ScoreInputs, cfg: ScoreConfig, out: Path, make_backend) 
             manifest["shards"], manifest["candidates"] = {}, m  # every shard again, with more candidates
             write_json(manifest, work / "manifest.json")
         timings["score_s"] = time.perf_counter() - t
+        paired = None
+        if cfg.strategy != "coverage":
+            selection = None
+        if cfg.strategy == "cluster" and cfg.quota == "uncovered":
+            t = time.perf_counter()
+            paired = _paired_counts(plan, cfg, backend, centres)
+            timings["covered_s"] = time.perf_counter() - t
+            log.info("uncovered: %d of %d clusters hold no paired item", int((paired == 0).sum()), len(paired))
+            if cfg.within == "typical":
+                t = time.perf_counter()
+                sizes = np.sum([manifest["shards"][str(i)]["cluster_counts"] for i in range(n_shards)], axis=0)
+                selection = _typical_select(plan, cfg, backend, work, sizes, paired, n_shards)
+                timings["typical_s"] = time.perf_counter() - t
         backend_info = backend.info()
     finally:
         backend.close()
-    if cfg.strategy == "coverage":
-        timings["candidates_per_shard"] = m
+    if cfg.strategy == "coverage" or selection is not None:
+        if cfg.strategy == "coverage":
+            timings["candidates_per_shard"] = m
         return _finish(out, work, selection, plan, cfg, inputs, key, t0, timings, manifest, backend_info)
     tops = [_read_top(work, i) for i in range(n_shards)]
     if cfg.strategy == "cluster":
         shard_info = [manifest["shards"][str(i)] for i in range(n_shards)]
         sizes = np.sum([m["cluster_counts"] for m in shard_info], axis=0)
         hard = np.sum([m["cluster_hard"] for m in shard_info], axis=0) if cfg.quota == "hardness" else None
-        covered = covered_clusters(paired, centres) if paired is not None else None
-        if covered is not None:
-            log.info("uncovered: %d of %d clusters hold no paired item", int((~covered).sum()), len(covered))
         cand = Ranked(*(np.concatenate([getattr(t, f) for t, _ in tops]) for f in ("ids", "scores", "max_margin")))
         selection = quota_select(cand, np.concatenate([c for _, c in tops]), sizes, cfg.budget, cfg.quota, hard,
-                                 covered)
+                                 paired, cfg.min_cluster_size)
     else:
         selection = merge_top([t for t, _ in tops], cfg.budget)
     return _finish(out, work, selection, plan, cfg, inputs, key, t0, timings, manifest, backend_info)
 
 
-def _centres(plan: Plan, cfg: ScoreConfig, work: Path, timings: dict, paired: np.ndarray | None = None,
-             paired_ids: np.ndarray | None = None) -> np.ndarray:
-    """Seeded k-means centres of a seeded sample of the pool (the items with the smallest random
-    keys, so the sample does not depend on file order), cached in the work dir. `paired`: (n_p, d)
-    the side's paired items in id order, fitted after the sample (quota uncovered: TypiClust clusters
-    labelled and unlabelled items together, into n_p + budget clusters unless --clusters says); at
-    most `cluster_sample` of them join the fit, chosen by the same seeded rule as the pool sample."""
-    cache = work / "centres.npy"
-    if cache.exists():
-        return np.load(cache)
+def _n_clusters(plan: Plan, cfg: ScoreConfig) -> int:
+    """k: --clusters, else one per budget item (quota uncovered: plus one per paired item of the side,
+    as TypiClust), at most --max-clusters and the items fitted."""
+    paired = plan.n_keys if cfg.quota == "uncovered" else 0
+    k = cfg.clusters or paired + cfg.budget
+    if cfg.max_clusters:
+        k = min(k, cfg.max_clusters)
+    return max(1, min(k, plan.n_pool + paired))
+
+
+def _centres(plan: Plan, cfg: ScoreConfig, backend, work: Path, timings: dict) -> np.ndarray:
+    """The k-means centres (hnal_ray.score.kmeans), checkpointed in the work dir after every step so
+    a killed fit resumes from its last one.
+
+    The fit sample is every item (pool, and with quota uncovered the side's paired items: TypiClust
+    clusters labelled and unlabelled items together) whose seeded hash falls below one fraction, at
+    most --max-points-per-centroid x k items in all, each side in proportion to its count. A share of
+    it, at most --cluster-sample items (or 2k), is read into the driver for a seeded FAISS start (two levels
+    above a few thousand clusters); then --fit-iters exact Lloyd steps run over the whole sample on
+    the workers, which stream their shards and return integer sums and counts per cluster."""
+    kdir = work / "kmeans"
+    done = sorted(kdir.glob("step-*.npy")) if kdir.exists() else []
+    final = kdir / f"step-{cfg.fit_iters:03d}.npy"
+    if final.exists():
+        return np.load(final)
     t = time.perf_counter()
-    ids = np.concatenate([part for _, part in read_ids(plan.tables.pool_path, plan.tables.pool_id)])
-    rows = seeded_sample(ids, cfg.seed, cfg.cluster_sample)
-    sample = read_rows(plan.tables.pool_path, plan.tables.pool_id, rows, plan.dim)  # only the sample's rows
-    x, k = sample.emb[np.argsort(sample.ids, kind="stable")], cfg.clusters or cfg.budget
-    if paired is not None:
-        if len(paired) > cfg.cluster_sample:  # a large paired set: a seeded sample of it, in id order
-            paired = paired[seeded_sample(paired_ids, cfg.seed, cfg.cluster_sample)]
-        x, k = np.concatenate([x, paired]), cfg.clusters or len(paired) + cfg.budget
-    centres = kmeans(x, k, cfg.seed)
-    tmp = work / ".centres.tmp.npy"
-    np.save(tmp, centres)
-    os.replace(tmp, cache)
+    with_paired = cfg.quota == "uncovered"
+    n_items = plan.n_pool + (plan.n_keys if with_paired else 0)
+    k = _n_clusters(plan, cfg)
+    fraction = fit_fraction(n_items, k, cfg.max_points_per_centroid)
+    tables = [(plan.tables.pool_path, plan.tables.pool_id)] + (
+        [(plan.tables.key_path, plan.tables.key_id)] if with_paired else [])
+    if done:
+        step, centres = int(done[-1].stem.split("-")[1]), np.load(done[-1])
+        log.info("k-means: resuming after step %d of %d", step, cfg.fit_iters)
+    else:
+        start = min(fraction, max(cfg.cluster_sample, 2 * k) / n_items)  # and enough for k centres
+        x = np.concatenate([_fit_rows(path, col, cfg.seed, start, plan.dim) for path, col in tables])
+        timings["kmeans_sample_s"] = time.perf_counter() - t
+        centres = fit_centres(x, k, cfg.seed, gpu=faiss_uses_gpu(pick_device(cfg.device)))
+        step = 0
+        _save(kdir / "step-000.npy", centres)
+        timings["kmeans_start_s"] = time.perf_counter() - t - timings["kmeans_sample_s"]
+        log.info("k-means start: %d centres from %d sampled items (FAISS) in %.2fs", len(centres), len(x),
+                 timings["kmeans_start_s"])
+    specs = pool_shards(plan, cfg.shard_rows) + (key_shards(plan, cfg.shard_rows) if with_paired else [])
+    for step in range(step + 1, cfg.fit_iters + 1):
+        ts = time.perf_counter()
+        sums, counts = np.zeros((len(centres), plan.dim), np.int64), np.zeros(len(centres), np.int64)
+        for s, c in backend.run("lloyd_part", [(spec, centres, fraction, cfg.seed, cfg.stream_rows)
+                                               for spec in specs]):
+            sums += s  # integers: the same totals in any order
+            counts += c
+        centres = lloyd_update(centres, sums, counts)
+        _save(kdir / f"step-{step:03d}.npy", centres)
+        timings[f"lloyd_step_{step}_s"] = time.perf_counter() - ts
+        log.info("k-means step %d/%d over %d items: %d empty clusters, %.2fs", step, cfg.fit_iters,
+                 int(counts.sum()), int((counts == 0).sum()), timings[f"lloyd_step_{step}_s"])
     timings["kmeans_s"] = time.perf_counter() - t
-    log.info("k-means: %d centres from %d pool and %d paired items in %.2fs", len(centres), len(rows),
-             0 if paired is None else len(paired), timings["kmeans_s"])
     return centres
+
+
+def _fit_rows(path: str, id_column: str, seed: int, fraction: float, dim: int) -> np.ndarray:
+    """The rows of a table in the fit sample at `fraction`, in id order (the driver reads only them)."""
+    ids = np.concatenate([part for _, part in read_ids(path, id_column)])
+    rows = np.flatnonzero(in_fit(ids, seed, fraction))
+    sample = read_rows(path, id_column, rows, dim)
+    return sample.emb[np.argsort(sample.ids, kind="stable")]
+
+
+def _save(path: Path, array: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name("." + path.stem + ".tmp.npy")
+    np.save(tmp, array)
+    os.replace(tmp, path)
+
+
+def _paired_counts(plan: Plan, cfg: ScoreConfig, backend, centres: np.ndarray) -> np.ndarray:
+    """(k,) paired items of the side nearest each centre, assigned on the workers like the pool."""
+    counts = np.zeros(len(centres), np.int64)
+    for c in backend.run("count_part", [(s, centres, cfg.stream_rows) for s in key_shards(plan, cfg.shard_rows)]):
+        counts += c
+    return counts
+
+
+def _typical_select(plan: Plan, cfg: ScoreConfig, backend, work: Path, sizes: np.ndarray, paired: np.ndarray,
+                    n_shards: int) -> Ranked:
+    """TypiClust's picks (--within typical): how many each cluster gives follows from the counts
+    alone (visit_plan); then each worker writes its shard's rows of those clusters (a seeded sample
+    of about --typical-cap items of a larger cluster), and the typicality of each cluster is computed
+    from all of its rows at once, a chunk of clusters per call, on the workers."""
+    picks = visit_plan(sizes, paired, cfg.min_cluster_size, cfg.budget)
+    keep_below = np.where(sizes > 0, np.minimum(1.0, np.maximum(cfg.typical_cap, 4 * picks) / np.maximum(sizes, 1)),
+                          0.0)
+    keep_below[picks == 0] = 0.0
+    tdir = work / "typical"
+    specs = pool_shards(plan, cfg.shard_rows)
+    todo = [s for s in specs if not (tdir / f"part-{s.index:05d}.parquet").exists()]
+    rows = list(backend.run("typical_part", [(s, str(work / "parts" / f"part-{s.index:05d}.parquet"), keep_below,
+                                              cfg.seed, str(tdir / f"part-{s.index:05d}.parquet"), cfg.stream_rows)
+                                             for s in todo]))
+    log.info("typicality: %d rows of %d clusters written by %d shards", sum(rows), int((picks > 0).sum()), len(todo))
+    chosen = np.flatnonzero(picks)
+    expect = np.minimum(sizes, np.maximum(cfg.typical_cap, 4 * picks))[chosen]
+    chunks, lo, acc = [], 0, 0
+    for i, n in enumerate(expect):  # ~100k rows of reference sets a call
+        acc += int(n)
+        if acc >= 100_000 or i == len(chosen) - 1:
+            chunks.append(chosen[lo:i + 1])
+            lo, acc = i + 1, 0
+    paths = [str(tdir / f"part-{i:05d}.parquet") for i in range(n_shards)]
+    got = list(backend.run("typical_chunk", [(paths, c, picks[c], plan.dim) for c in chunks]))
+    ids, typ, cluster, rank = (np.concatenate([g[j] for g in got]) if got else np.zeros(0) for j in range(4))
+    if len(ids) < cfg.budget:
+        raise RuntimeError(f"typicality: {len(ids)} picks for a budget of {cfg.budget}; a cluster's sample was "
+                           f"smaller than its share of picks: raise --typical-cap")
+    nan = np.full(len(ids), np.nan, np.float32)
+    return quota_select(Ranked(ids.astype(np.int64), typ.astype(np.float64), nan), cluster.astype(np.int64), sizes,
+                        cfg.budget, "uncovered", paired=paired, min_size=cfg.min_cluster_size,
+                        rank=rank.astype(np.int64))
 
 
 def _thresholds(plan: Plan, cfg: ScoreConfig, backend, work: Path, timings: dict) -> np.ndarray | None:
@@ -320,6 +427,11 @@ def _finish(out, work, selection: Ranked, plan: Plan, cfg, inputs, key, t0, timi
     elif final_scores.exists():
         final_scores.unlink()
     os.replace(work / "parts", final_scores)
+    steps = sorted((work / "kmeans").glob("step-*.npy")) if (work / "kmeans").exists() else []
+    if steps:  # the cluster strategy's centres, (k, d) float64: the clusters in scores.parquet
+        os.replace(steps[-1], out / "centres.npy")
+    elif (out / "centres.npy").exists():
+        (out / "centres.npy").unlink()
     shards = [{"shard": int(i)} | v for i, v in sorted(manifest["shards"].items(), key=lambda kv: int(kv[0]))]
     pairs = sum(s["pairs"] for s in shards) + manifest.get("pairs_before", 0)  # coverage: earlier passes too
     timings["total_s"] = time.perf_counter() - t0

@@ -47,14 +47,10 @@ class PrunedScores(PoolScores):
 
 def cluster_anchors(anchor_emb: np.ndarray, n_clusters: int, seed: int = 0, niter: int = 20) -> AnchorClusters:
     """Seeded FAISS k-means of anchor_emb (n_a, d) into min(n_clusters, n_a) clusters; compute once per round."""
-    import faiss
+    from hnal_ray.score.kmeans import cluster_labels
 
-    x = np.ascontiguousarray(anchor_emb, dtype=np.float32)
-    k = max(1, min(n_clusters, len(x)))
-    km = faiss.Kmeans(x.shape[1], k, niter=niter, seed=seed, verbose=False, min_points_per_centroid=1)
-    km.train(x)
-    _, labels = km.index.search(x, 1)
-    return AnchorClusters(km.centroids.astype(np.float32), labels[:, 0].astype(np.int64))
+    centres, labels = cluster_labels(np.ascontiguousarray(anchor_emb, dtype=np.float32), max(1, n_clusters), seed, niter)
+    return AnchorClusters(centres.astype(np.float32), labels)
 
 
 def score_pool_pruned(pool_emb: np.ndarray, anchor_emb: np.ndarray, thresholds: np.ndarray, weight: str,

@@ -51,26 +51,41 @@ def dense_assign(emb: np.ndarray, centres: np.ndarray) -> np.ndarray:
     return d.argmin(axis=1)
 
 
+def dense_lloyd(x: np.ndarray, centres: np.ndarray, steps: int) -> np.ndarray:
+    """`steps` Lloyd steps in plain float64 from `centres`: each row to its dense_assign centre, each
+    centre to the mean of its rows (an empty cluster keeps its centre)."""
+    x, c = np.asarray(x, np.float64), np.array(centres, np.float64)
+    for _ in range(steps):
+        label = dense_assign(x, c)
+        for j in range(len(c)):
+            if (label == j).any():
+                c[j] = x[label == j].mean(0)
+    return c
+
+
 def dense_quota_select(ids: np.ndarray, scores: np.ndarray, max_margin: np.ndarray, cluster: np.ndarray,
                        n_clusters: int, budget: int, quota: str, hardness: np.ndarray | None = None,
-                       paired_cluster: np.ndarray | None = None) -> np.ndarray:
+                       paired_cluster: np.ndarray | None = None, min_size: int = 0) -> np.ndarray:
     """The cluster-quota rule written out with Python sorts: rank items within their cluster by the
     SPEC's order, key = (rank + 1) / weight (1, the cluster's size, or its number of items whose
     hard-negative score `hardness` is > 0, at least 1), then the `budget` smallest keys. Quota
-    uncovered (TypiClust): key = (rank, whether the cluster holds a paired item, i.e. is among
-    `paired_cluster`, minus its number of pool items, the cluster)."""
+    uncovered (TypiClust): key = (at most `min_size` pool and paired items, rank, its number of
+    paired items (its entries in `paired_cluster`), minus its pool and paired items, the cluster)."""
     sizes = np.bincount(cluster, minlength=n_clusters)
     pool_sizes = sizes
     if quota == "hardness":
         sizes = np.bincount(cluster[np.asarray(hardness) > 0], minlength=n_clusters)
-    labelled = set() if paired_cluster is None else {int(c) for c in paired_cluster}
+    labelled = [0] * n_clusters
+    for c in [] if paired_cluster is None else paired_cluster:
+        labelled[int(c)] += 1
     rows = []
     for c in range(n_clusters):
         members = [(int(i), float(s), -np.inf if np.isnan(m) else float(m))
                    for i, s, m, cc in zip(ids, scores, max_margin, cluster) if cc == c]
         members.sort(key=lambda r: (-r[1], -r[2], r[0]))
         if quota == "uncovered":
-            rows += [((rank, c in labelled, -int(pool_sizes[c]), c), -s, -m, i)
+            total = int(pool_sizes[c]) + labelled[c]
+            rows += [((total <= min_size, rank, labelled[c], -total, c), -s, -m, i)
                      for rank, (i, s, m) in enumerate(members)]
         else:
             weight = 1.0 if quota == "equal" else float(max(sizes[c], 1))  # proportional, hardness
@@ -96,3 +111,21 @@ def dense_coverage(ids: np.ndarray, pool_emb: np.ndarray, anchor_emb: np.ndarray
         picked.append(best[-1])
         covered |= w[best[-1]] > 0
     return ids[np.asarray(picked, np.int64)].astype(np.int64)
+
+
+def dense_typical(ids: np.ndarray, emb: np.ndarray, picks: int, neighbours: int = 20) -> list[int]:
+    """TypiClust's picks from one cluster written out pair by pair: typicality = 1 / (mean squared L2
+    distance to the min(neighbours, n // 2) nearest other items + 1e-5), the most typical (smallest
+    id among ties) taken and removed, again `picks` times."""
+    left = sorted(zip(ids.tolist(), np.asarray(emb, np.float64)), key=lambda r: r[0])
+    out = []
+    for _ in range(min(picks, len(left))):
+        m = min(neighbours, len(left) // 2)
+        best = None
+        for i, (a, x) in enumerate(left):
+            d = sorted(float(((x - y) ** 2).sum()) for j, (_, y) in enumerate(left) if j != i)
+            t = np.inf if m == 0 else 1.0 / (np.mean(d[:m]) + 1e-5)
+            if best is None or t > best[0]:
+                best = (t, i)
+        out.append(left.pop(best[1])[0])
+    return out

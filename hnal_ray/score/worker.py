@@ -15,12 +15,14 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 
 from hnal_ray.score.baselines import random_keys
-from hnal_ray.score.clusters import assign, centrality, per_cluster_top
+from hnal_ray.score.clusters import centrality, per_cluster_top, typical_picks
+from hnal_ray.score.kmeans import assign, in_fit, lloyd_sums
 from hnal_ray.device import peak_mib, pick_device, set_threads
-from hnal_ray.io import iter_embeddings, write_parquet
+from hnal_ray.io import embedding_array, iter_embeddings, write_parquet
 from hnal_ray.score.lowprec import score_pool_lowprec
 from hnal_ray.score.scoring import score_pool
 from hnal_ray.score.coverage import Candidates, empty_candidates, shard_candidates
@@ -153,6 +155,68 @@ class ScoreWorker:
         return ShardResult(spec.index, select_top(ids, scores, margin, task.budget), len(ids), pairs,
                            seconds, socket.gethostname(), os.getpid(), recomputed=recomputed)
 
+    # ------------------------------------------------------------- k-means passes (hnal_ray.score.kmeans)
+
+    def lloyd_part(self, spec: ShardSpec, centres: np.ndarray, fraction: float, seed: int,
+                   stream_rows: int = 65536) -> tuple[np.ndarray, np.ndarray]:
+        """One Lloyd step's (sums (k, d) int64 fixed point, counts (k,)) over this shard's rows in the
+        fit sample (a per-row hash rule), each row assigned exactly."""
+        k = len(centres)
+        sums, counts = np.zeros((k, spec.dim), np.int64), np.zeros(k, np.int64)
+        for block in iter_embeddings(spec.path, spec.id_column, None, spec.dim, *spec.rows, stream_rows):
+            keep = in_fit(block.ids, seed, fraction)
+            s, c = lloyd_sums(block.emb[keep], assign(block.emb[keep], centres, self.device), k)
+            sums += s
+            counts += c
+        return sums, counts
+
+    def count_part(self, spec: ShardSpec, centres: np.ndarray, stream_rows: int = 65536) -> np.ndarray:
+        """(k,) int64 rows of this shard nearest each centre (the paired items of each cluster)."""
+        counts = np.zeros(len(centres), np.int64)
+        for block in iter_embeddings(spec.path, spec.id_column, None, spec.dim, *spec.rows, stream_rows):
+            counts += np.bincount(assign(block.emb, centres, self.device), minlength=len(centres))
+        return counts
+
+    def typical_part(self, spec: ShardSpec, scores_path: str, keep_below: np.ndarray, seed: int, out_path: str,
+                     stream_rows: int = 65536) -> int:
+        """Write this shard's rows in the clusters being picked from (id, cluster, embedding; sorted by
+        cluster, then id) to `out_path`: a row is kept when its seeded key is below its cluster's
+        `keep_below` (1 for a cluster up to the size cap, so all of it; less above). The clusters come
+        from the shard's scored part, so the pool is not assigned again. Returns the rows written."""
+        part = pq.read_table(scores_path, columns=[spec.id_column, "cluster"])
+        part_ids, part_cluster = part[spec.id_column].to_numpy(), part["cluster"].to_numpy().astype(np.int64)
+        ids, cluster, emb = [], [], []
+        for block in iter_embeddings(spec.path, spec.id_column, None, spec.dim, *spec.rows, stream_rows):
+            c = part_cluster[np.searchsorted(part_ids, block.ids)]
+            keep = random_keys(block.ids, seed + 1) < keep_below[c]
+            ids.append(block.ids[keep]), cluster.append(c[keep]), emb.append(block.emb[keep])
+        ids, cluster = np.concatenate(ids), np.concatenate(cluster)
+        emb = np.concatenate(emb) if ids.size else np.zeros((0, spec.dim), np.float32)
+        order = np.lexsort((ids, cluster))
+        write_parquet(pa.table({"id": pa.array(ids[order], pa.int64()), "cluster": pa.array(cluster[order], pa.int64()),
+                                "embedding": embedding_array(emb[order])}), out_path, row_group_size=4096)
+        return int(len(ids))
+
+    def typical_chunk(self, paths: list[str], clusters: np.ndarray, picks: np.ndarray, dim: int,
+                      neighbours: int = 20) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """TypiClust's picks of the given clusters (sorted), `picks[i]` from `clusters[i]`, from the rows
+        all shards wrote for them: (ids, typicality, cluster, rank within the cluster)."""
+        lo, hi = int(clusters[0]), int(clusters[-1])
+        parts = [pq.read_table(p, filters=[("cluster", ">=", lo), ("cluster", "<=", hi)]) for p in paths]
+        t = pa.concat_tables(parts)
+        ids, cl = t["id"].to_numpy(), t["cluster"].to_numpy()
+        emb = np.asarray(t["embedding"].combine_chunks().flatten().to_numpy(zero_copy_only=False),
+                         np.float32).reshape(-1, dim)
+        order = np.lexsort((ids, cl))
+        ids, cl, emb = ids[order], cl[order], emb[order]
+        out = ([], [], [], [])
+        for c, q in zip(clusters, picks):
+            a, b = np.searchsorted(cl, c), np.searchsorted(cl, c, side="right")
+            rows, typ = typical_picks(ids[a:b], emb[a:b], int(q), neighbours)
+            for lst, v in zip(out, (ids[a:b][rows], typ, np.full(len(rows), c), np.arange(len(rows)))):
+                lst.append(v)
+        return tuple(np.concatenate(v) if v else np.zeros(0) for v in out)
+
     def _hardness(self, emb, task: ScoreTask, anchors, thresholds) -> np.ndarray:
         """The hard-negative score of each row (for quota hardness when the order within a cluster is not)."""
         return score_pool(emb, anchors.emb, thresholds, task.weight, self.device, task.block_pool,
@@ -161,9 +225,9 @@ class ScoreWorker:
     def _score_block(self, ids, emb, task: ScoreTask, anchors, thresholds):
         """(scores, max_margin, cluster or None, pairs, pairs recomputed) of one block; every value is
         per item, so the results do not depend on how the pool is cut into shards and blocks."""
-        cluster = assign(emb, task.centres) if task.strategy == "cluster" else None
+        cluster = assign(emb, task.centres, self.device) if task.strategy == "cluster" else None
         nan = np.full(len(ids), np.nan, np.float32)
-        if cluster is not None and task.within == "central":
+        if cluster is not None and task.within in ("central", "typical"):  # typical: picked in a later pass
             return centrality(emb, task.centres, cluster), nan, cluster, 0, 0
         if task.strategy == "random" or (cluster is not None and task.within == "random"):
             return random_keys(ids, task.seed), nan, cluster, 0, 0
