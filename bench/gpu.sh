@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The `hnal bench score` table on a CUDA machine (< 5 minutes on one H100/H200), with the bf16 and
 # TF32 variants and their selection recall against float32, and the exact fp16/bf16 path
-# (hnal_ray.score.lowprec: its time, its band share, and the bare fp16/bf16 GEMM beside it).
+# (hnal_ray.score.lowprec: its time, its band share, and the bare fp16/bf16 GEMM beside it), and
+# `hnal bench select` (TypiClust at pool scale against the Surplus score).
 # Not run yet: no GPU has been lent to a session that had this script. Writes
 # bench-gpu.{txt,json} to $OUT_DIR.
 #
@@ -34,4 +35,12 @@ start=$(date +%s)
     --pool "$POOL" --texts "$TEXTS" --dim "$DIM" --sizes "$SIZES" \
     --naive-pool 16384 --approx 1:32,4:64,16:128 --precisions bf16,tf32,exact-fp16,exact-bf16 \
     --json "$OUT_DIR/bench-gpu.json" | tee "$OUT_DIR/bench-gpu.txt"
+# TypiClust at pool scale (hnal bench select): the FAISS fit on the GPU build, the exact
+# assignment's GEMM on CUDA, against the Surplus score of the same pool; SELECT_SIZES=0 skips it
+SELECT_SIZES=${SELECT_SIZES:-1000000}
+if [ "$SELECT_SIZES" != 0 ]; then
+  "$PY" -m hnal_ray.bench select --root "${SELECT_ROOT:-/tmp/hnal-bench-select}" --sizes "$SELECT_SIZES" \
+      --images 100000 --budget 10000 --dim "$DIM" --actors 1 --shard-rows 250000 --quality 1000000 \
+      --json "$OUT_DIR/bench-select-gpu.json" | tee "$OUT_DIR/bench-select-gpu.txt"
+fi
 echo "bench/gpu.sh: $(( $(date +%s) - start ))s" | tee -a "$OUT_DIR/bench-gpu.txt"

@@ -116,13 +116,20 @@ def kmeans_pp(x: np.ndarray, k: int, seed: int) -> np.ndarray:
     return np.ascontiguousarray(x[chosen], np.float32)
 
 
-def assign_bound(dim: int, x_norm: np.ndarray, c_norm_max: float) -> np.ndarray:
+def assign_bound(dim: int, x_norm: np.ndarray, c_norm_max: float, unit: float = _U) -> np.ndarray:
     """(n,) largest error of a float32 `|c|^2 - 2 x.c` against its exact value, for rows of norm
     `x_norm`: the dot's accumulation (gamma_d |x||c|, any summation order), the centres' and the
     squared norms' rounding to float32 and the subtraction, taken 2x for accumulators that are not
-    strictly round-to-nearest (the argument of hnal_ray.score.lowprec)."""
-    gamma = (dim + 4) * _U / (1 - (dim + 4) * _U)
+    strictly round-to-nearest (the argument of hnal_ray.score.lowprec). `unit`: the GEMM's unit
+    roundoff (2^-24; coarser where CUDA may round float32 products to TF32)."""
+    gamma = (dim + 4) * unit / (1 - (dim + 4) * unit)
     return 2 * gamma * (np.asarray(x_norm, np.float64) + c_norm_max) ** 2 + 1e-30
+
+
+def _matmul_unit(device: torch.device) -> float:
+    """The unit roundoff of a float32 matmul on `device` (as hnal_ray.score.pruning reads it)."""
+    tf32 = device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32
+    return _U if torch.get_float32_matmul_precision() == "highest" and not tf32 else 2.0 ** -8
 
 
 def assign(x: np.ndarray, centres: np.ndarray, device: torch.device | None = None, block: int | None = None,
@@ -143,7 +150,8 @@ def assign(x: np.ndarray, centres: np.ndarray, device: torch.device | None = Non
     if n == 0 or k == 0:
         return (label, np.zeros(n)) if with_distance else label
     c2 = (c64 * c64).sum(1)
-    bound = assign_bound(x.shape[1], np.linalg.norm(x.astype(np.float64), axis=1), float(np.sqrt(c2.max())))
+    bound = assign_bound(x.shape[1], np.linalg.norm(x.astype(np.float64), axis=1), float(np.sqrt(c2.max())),
+                         _matmul_unit(device))
     block = block or max(1, min(8192, (1 << 25) // k))
     ct = torch.from_numpy(c64.astype(np.float32)).to(device)
     c2t = torch.from_numpy(c2.astype(np.float32)).to(device)
@@ -154,12 +162,15 @@ def assign(x: np.ndarray, centres: np.ndarray, device: torch.device | None = Non
             low, arg = dist.min(dim=1)
             e = torch.from_numpy(bound[lo:lo + block].astype(np.float32)).to(device)
             cand = dist <= (low + 2 * e * (1 + 4 * _U))[:, None]
-            many = (cand.sum(1) > 1).cpu().numpy()
+            many = torch.nonzero(cand.sum(1) > 1).flatten()
             lab = arg.cpu().numpy().astype(np.int64)
-            for r in np.flatnonzero(many):   # the undecided rows, in float64 over their candidates
-                idx = torch.nonzero(cand[r]).flatten().cpu().numpy()
-                d64 = ((x[lo + r].astype(np.float64)[None, :] - c64[idx]) ** 2).sum(1)
-                lab[r] = idx[int(np.argmin(d64))]
+            if len(many):  # the undecided rows, in float64 over their candidates only
+                pairs = torch.nonzero(cand[many]).cpu().numpy()
+                rows, cols = many.cpu().numpy()[pairs[:, 0]], pairs[:, 1]
+                d64 = ((x[lo + rows].astype(np.float64) - c64[cols]) ** 2).sum(1)
+                first = np.lexsort((cols, d64, rows))          # per row: least distance, then least index
+                keep = first[np.r_[True, rows[first][1:] != rows[first][:-1]]]
+                lab[rows[keep]] = cols[keep]
             label[lo:lo + block] = lab
     if with_distance:
         diff = x.astype(np.float64) - c64[label]
