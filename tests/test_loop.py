@@ -104,3 +104,38 @@ def test_a_changed_config_is_refused_but_concurrency_is_not_part_of_it(smoke):
     assert again.returncode == 0 and "5 rounds (5 already done)" in again.stderr
     other = loop(root / "out", sets + ["--set", "budget=10"])
     assert other.returncode == 2 and "holds a run with a different config" in other.stderr
+
+
+def test_a_resumed_loop_refuses_changed_data(smoke, tmp_path):
+    """Issue 23 (1): the same command over data whose split changed stops with one line, before any
+    round, instead of mixing the two splits' numbers."""
+    import shutil
+
+    import pyarrow as pa
+
+    root, sets, _ = smoke
+    data = tmp_path / "data"
+    shutil.copytree(root / "data", data)
+    out = tmp_path / "out"
+    mine = ["--set", f"data={data}", "--set", f"features={root}/features", "--set", "rounds=1", "--set", "seeds=[0]"]
+    first = loop(out, mine)
+    assert first.returncode == 0, first.stderr[-3000:]
+    split = pq.read_table(data / "split.parquet")
+    labels = split["split"].to_pylist()
+    flip = [i for i, s in enumerate(labels) if s == "train"][:30]
+    for i in flip:
+        labels[i] = "test"
+    pq.write_table(split.set_column(split.column_names.index("split"), "split", pa.array(labels)), data / "split.parquet")
+    again = loop(out, mine)
+    assert again.returncode == 2 and "the data changed" in again.stderr and "split.parquet" in again.stderr, \
+        again.stderr[-2000:]
+
+
+def test_one_loop_at_a_time_writes_an_out(smoke, tmp_path):
+    """Issue 23 (6): a second loop on a held --out is refused at once with one line."""
+    from hnal_ray.score.outdir import out_lock
+
+    root, sets, _ = smoke
+    with out_lock(tmp_path / "held"):
+        other = loop(tmp_path / "held", sets)
+    assert other.returncode == 2 and "another run" in other.stderr and "is writing this --out" in other.stderr

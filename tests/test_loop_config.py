@@ -46,3 +46,27 @@ def test_new_keys_at_their_defaults_keep_old_runs_resumable():
     mine = load_loop_config(REPO / "jobs" / "smoke.yaml", ["dataset=folder", "annotator=manual", "seed_size=all",
                                                            "encoders.image_crop=0.875"])
     assert mine.result_fields()["encoders"]["image_crop"] == 0.875 and mine.seed_size == "all"
+
+
+@pytest.mark.parametrize("sets, message", [
+    (['strategies=[{name: "../../victim", strategy: random}]'], "strategies: name '../../victim' must be one path "
+                                                                "segment"),
+    (['strategies=[{name: "a/b", strategy: random}]'], "must be one path segment"),
+    (['strategies=[{name: "..", strategy: random}]'], "must be one path segment"),
+    (['strategies=[{name: "_seed-set", strategy: random}]'], "must be one path segment"),
+    (["seeds=[0, 0]"], "seeds must be distinct integers >= 0, got \\[0, 0\\]"),
+    (["seeds=[]"], "seeds: at least one seed is needed"),
+    (["seeds=[-1]"], "seeds must be distinct integers >= 0"),
+    (["rounds=0"], "rounds must be an integer >= 1"),
+    (["budget=0"], "budget must be an integer >= 1"),
+    (["train.batch_size=0"], "train.batch_size must be an integer >= 2 .*got 0"),
+    (["train.epochs=-3"], "train.epochs must be an integer >= 1, got -3"),
+    (["train.lr=0"], "train.lr must be > 0"),
+    (["train.margin=-0.1"], "train.margin must be >= 0"),
+    (["train.warmup_epochs=-1"], "train.warmup_epochs must be an integer >= 0"),
+])
+def test_names_seeds_and_training_settings_are_checked(sets, message):
+    """Issue 23 (3, 6, 8, 10): a name that becomes a path is one safe segment; seeds and training
+    settings are checked before anything runs, with one line naming the key."""
+    with pytest.raises(ConfigError, match=message):
+        load_loop_config(REPO / "jobs" / "smoke.yaml", sets)

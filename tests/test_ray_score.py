@@ -180,3 +180,10 @@ def test_cluster_selection_is_the_same_for_any_shards_and_actors(tmp_path, input
         assert np.array_equal(np.load(out / "centres.npy"), np.load(single / "centres.npy"))
         summary = json.loads((out / "summary.json").read_text())
         assert len(summary["workers"]) == actors and summary["timings"]["kmeans_s"] > 0
+
+
+def test_no_more_actors_than_shards(tmp_path, inputs):
+    """Issue 23 (7): --shards 6 on a pool of one shard starts one actor, not six."""
+    out = run(inputs["image"], tmp_path / "one", "--shards", 6)
+    summary = json.loads((out / "summary.json").read_text())
+    assert len(summary["shards"]) == 1 and len(summary["workers"]) == 1

@@ -10,8 +10,9 @@ import ray
 from ray.exceptions import RayTaskError
 
 from hnal_ray.config import ScoreConfig, ScoreInputs
-from hnal_ray.io import InputError
+from hnal_ray.io import InputError, row_group_starts
 from hnal_ray.score.job import run_score
+from hnal_ray.score.plan import cut_rows, side_tables
 from hnal_ray.score.worker import Anchors, ScoreTask, ScoreWorker, ShardResult, ShardSpec
 
 from hnal_ray.cluster.session import ray_session
@@ -122,7 +123,21 @@ class RayBackend:
         self.actors, self._refs = [], {}
 
 
+def actor_count(inputs: ScoreInputs, cfg: ScoreConfig) -> int:
+    """--shards N, but never more actors than there are shards of work (pool or paired keys): an
+    idle actor costs a process and its memory (~250 MiB) for nothing."""
+    tables = side_tables(inputs, cfg.side)
+    try:
+        work = max(len(cut_rows(row_group_starts(path), cfg.shard_rows)) for path in (tables.pool_path, tables.key_path))
+    except (InputError, OSError, ValueError):  # unreadable input: the job's own checks name it
+        return cfg.shards
+    return max(1, min(cfg.shards, work))
+
+
 def run_score_on_ray(inputs: ScoreInputs, cfg: ScoreConfig, out_dir) -> dict:
-    """`hnal score --shards N`: the same job, with N actors on a connected or embedded Ray."""
+    """`hnal score --shards N`: the same job, with at most N actors on a connected or embedded Ray."""
+    n = actor_count(inputs, cfg)
+    if n < cfg.shards:
+        log.info("--shards %d: %d actors, one per shard of work", cfg.shards, n)
     with ray_session(cfg.address):
-        return run_score(inputs, cfg, out_dir, lambda: RayBackend(cfg.shards, cfg))
+        return run_score(inputs, cfg, out_dir, lambda: RayBackend(n, cfg))

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,6 +35,9 @@ class StrategyConfig:
     then: dict | None = None       # the score options that replace these ones from `switch_at` on
 
     def __post_init__(self):
+        if not (isinstance(self.name, str) and re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", self.name)):
+            raise ConfigError(f"strategies: name {self.name!r} must be one path segment (letters, digits, '.', "
+                              f"'_', '-', not starting with '.', '_' or '-'): it names the strategy's folder")
         if self.reducible and (self.strategy != "hard-negative" or self.side != "image" or self.switch_at):
             raise ConfigError(f"strategies: {self.name}: reducible goes with strategy: hard-negative on the image side")
         if (self.switch_at is None) != (self.then is None):
@@ -79,6 +83,15 @@ class LoopConfig:
     def __post_init__(self):
         if not self.strategies:
             raise ConfigError("strategies: at least one strategy is needed")
+        if not self.seeds:
+            raise ConfigError("seeds: at least one seed is needed")
+        if not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in self.seeds) \
+                or len(set(self.seeds)) != len(self.seeds):
+            raise ConfigError(f"seeds must be distinct integers >= 0, got {list(self.seeds)}")
+        if not isinstance(self.rounds, int) or self.rounds < 1:
+            raise ConfigError(f"rounds must be an integer >= 1, got {self.rounds!r}")
+        if not isinstance(self.budget, int) or self.budget < 1:
+            raise ConfigError(f"budget must be an integer >= 1, got {self.budget!r}")
         names = [s.name for s in self.strategies]
         if len(set(names)) != len(names):
             raise ConfigError(f"strategies: names must be unique, got {names}")
@@ -114,6 +127,9 @@ class LoopConfig:
         for s in d["strategies"]:
             if not s["reducible"]:
                 s.pop("reducible")
+            for f in ("max_clusters", "min_cluster_size"):
+                if s[f] == 0:
+                    s.pop(f)
         return d
 
 

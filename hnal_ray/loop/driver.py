@@ -25,6 +25,8 @@ from hnal_ray.io import write_json
 from hnal_ray.loop.config import LoopConfig
 from hnal_ray.loop.report import STAGES, write_report
 from hnal_ray.loop.rounds import read_state, run_round
+from hnal_ray.score.outdir import out_lock
+from hnal_ray.score.plan import file_digest
 
 log = logging.getLogger(__name__)
 
@@ -176,9 +178,40 @@ def _each_round(cfg: LoopConfig, states: dict):
 
 
 def run_loop(cfg: LoopConfig, out: str | Path) -> Path:
-    """`hnal loop`: every trajectory, then the report; re-running resumes from finished rounds."""
+    """`hnal loop`: every trajectory, then the report; re-running resumes from finished rounds. One
+    loop at a time writes an --out (the score job's lock)."""
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    with out_lock(out):
+        return _run_loop_locked(cfg, out)
+
+
+def data_fingerprint(cfg: LoopConfig) -> dict[str, str]:
+    """{file: BLAKE2b} of every file under the data and feature folders (by content, as `hnal
+    score`'s run key): a resumed loop must see the data its finished rounds were computed on."""
+    out = {}
+    for role, root in (("data", cfg.data), ("features", cfg.features)):
+        base = Path(root)
+        for f in sorted(base.rglob("*")) if base.is_dir() else []:
+            if f.is_file() and not any(part.startswith(".") for part in f.relative_to(base).parts):
+                st = f.stat()
+                out[f"{role}/{f.relative_to(base)}"] = file_digest(str(f.resolve()), st.st_size, st.st_mtime_ns,
+                                                                   st.st_ctime_ns, st.st_ino)
+    return out
+
+
+def _check_data_unchanged(cfg: LoopConfig, out: Path) -> None:
+    saved, current = out / "inputs.json", data_fingerprint(cfg)
+    if saved.exists():
+        before = json.loads(saved.read_text() or "{}")
+        if before != current:
+            changed = sorted(set(before) ^ set(current) | {f for f in before if f in current and before[f] != current[f]})
+            raise ConfigError(f"{out}: the data changed since this run's finished rounds were computed "
+                              f"({len(changed)} files, e.g. {changed[0]}); their numbers would mix with the new "
+                              f"data's: use another --out, or restore the data")
+    write_json(current, saved)
+
+
+def _run_loop_locked(cfg: LoopConfig, out: Path) -> Path:
     saved = out / "config.json"
     current = json.loads(json.dumps(cfg.result_fields()))
     if saved.exists() and json.loads(saved.read_text()) != current:
@@ -186,6 +219,7 @@ def run_loop(cfg: LoopConfig, out: str | Path) -> Path:
     write_json(current, saved)
     t = time.perf_counter()
     prepare(cfg)
+    _check_data_unchanged(cfg, out)
     prepare_s = time.perf_counter() - t
     t = time.perf_counter()
     states = run_rounds(cfg, out)

@@ -54,6 +54,24 @@ class TrainConfig:
             raise ConfigError(f"train.init must be 'scratch' or 'previous', got {self.init!r}")
         if not isinstance(self.threads, int) or self.threads < 1:
             raise ConfigError(f"train.threads must be an integer >= 1, got {self.threads!r}")
+        checks = [
+            (_int(self.batch_size) and self.batch_size >= 2,
+             f"train.batch_size must be an integer >= 2 (a batch's other pairs are its negatives), got {self.batch_size!r}"),
+            (_int(self.epochs) and self.epochs >= 1, f"train.epochs must be an integer >= 1, got {self.epochs!r}"),
+            (_num(self.lr) and self.lr > 0, f"train.lr must be > 0, got {self.lr!r}"),
+            (self.finetune_lr is None or (_num(self.finetune_lr) and self.finetune_lr > 0),
+             f"train.finetune_lr must be > 0, got {self.finetune_lr!r}"),
+            (_num(self.weight_decay) and self.weight_decay >= 0,
+             f"train.weight_decay must be >= 0, got {self.weight_decay!r}"),
+            (_num(self.margin) and self.margin >= 0, f"train.margin must be >= 0, got {self.margin!r}"),
+            (_int(self.warmup_epochs) and self.warmup_epochs >= 0,
+             f"train.warmup_epochs must be an integer >= 0, got {self.warmup_epochs!r}"),
+            (_int(self.checkpoint_every) and self.checkpoint_every >= 1,
+             f"train.checkpoint_every must be an integer >= 1, got {self.checkpoint_every!r}"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise ConfigError(msg)
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
@@ -166,3 +184,11 @@ def load_best(checkpoint_dir: str | Path) -> tuple[DualEncoder, dict]:
     model = DualEncoder(ModelConfig(**meta["model"]))
     model.load_state_dict(torch.load(d / "best.pt", map_location="cpu"))
     return model.eval(), meta
+
+
+def _int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _num(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and v == v

@@ -27,7 +27,7 @@ from hnal_ray.score.kmeans import fit_centres, fit_fraction, in_fit, lloyd_updat
 from hnal_ray.score.coverage import SLACK, Candidates, greedy_cover
 from hnal_ray.config import ScoreConfig, ScoreInputs
 from hnal_ray.device import faiss_uses_gpu, pick_device
-from hnal_ray.io import read_embeddings, read_ids, read_rows, write_json, write_parquet
+from hnal_ray.io import InputError, read_embeddings, read_ids, read_rows, write_json, write_parquet
 from hnal_ray.score.outdir import check_out, out_lock
 from hnal_ray.score.plan import Plan, check_inputs, input_fingerprint, key_shards, load_keys_sorted, pool_shards
 from hnal_ray.score.selection import Ranked, merge_top
@@ -323,12 +323,27 @@ def _thresholds(plan: Plan, cfg: ScoreConfig, backend, work: Path, timings: dict
         else:
             thresholds = minibatch_thresholds(key_emb, key_group, a.emb, a.ids, cfg.k, cfg.threshold_batch,
                                               cfg.seed, "text")
+    _check_thresholds(thresholds, cfg)
     tmp = work / ".thresholds.tmp.npy"
     np.save(tmp, thresholds)
     os.replace(tmp, cache)
     timings["thresholds_s"] = time.perf_counter() - t
     log.info("thresholds for %d anchors in %.2fs", len(thresholds), timings["thresholds_s"])
     return thresholds
+
+
+def _check_thresholds(thresholds: np.ndarray, cfg: ScoreConfig) -> None:
+    """Refuse a selection that the thresholds make meaningless: a paired item with fewer than k
+    negatives has threshold -inf (SPEC), so under Surplus every pool item scores +inf and the top B
+    are just the smallest ids; under Counting only all of them at -inf leave nothing to rank."""
+    short = int(np.isneginf(thresholds).sum())
+    if short and (cfg.weight == "surplus" or short == len(thresholds)):
+        where = "in its mini-batch of " + str(cfg.threshold_batch) if cfg.threshold_batch else "among the paired set"
+        raise InputError(f"--k {cfg.k}: {short} of {len(thresholds)} paired {'texts' if cfg.side == 'image' else 'images'} "
+                         f"have fewer than {cfg.k} negatives {where}, so their threshold is -inf and "
+                         f"{'every pool item would score +inf' if cfg.weight == 'surplus' else 'every pool item ties'}: "
+                         f"the selection would be meaningless. Use a smaller --k"
+                         f"{' or a larger --threshold-batch' if cfg.threshold_batch else ' or a larger paired set'}")
 
 
 def _run_coreset(inputs, cfg, plan, out, key, t0, timings) -> dict:

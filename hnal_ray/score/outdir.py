@@ -17,8 +17,9 @@ from hnal_ray.io import InputError
 
 
 def check_out(out: Path, inputs: ScoreInputs) -> None:
-    """A usable --out: a directory (or creatable), writable, and not inside an input's directory
-    (a re-run would read its own outputs as input)."""
+    """A usable --out: a directory (or creatable), writable, not inside an input's directory (a
+    re-run would read its own outputs as input), and holding no input (an output would replace it);
+    both checked on resolved paths, through symlinks."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise InputError(f"{out}: --out exists and is not a directory")
@@ -33,6 +34,9 @@ def check_out(out: Path, inputs: ScoreInputs) -> None:
         p = Path(path).resolve()
         if p.is_dir() and (resolved == p or p in resolved.parents):
             raise InputError(f"{out}: --out is inside the {role} directory {path}; choose another --out")
+        if resolved in p.parents:
+            raise InputError(f"{out}: the {role} input {path} is inside --out, where outputs would replace it; "
+                             f"choose another --out")
 
 
 @contextlib.contextmanager
