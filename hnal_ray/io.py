@@ -49,10 +49,26 @@ def parquet_files(path: str | os.PathLike) -> list[Path]:
     """The Parquet files that make up the table at `path` (a file or a directory)."""
     p = Path(path)
     if p.is_dir():
-        files = sorted(f for f in p.rglob("*.parquet") if f.is_file() and not f.name.startswith((".", "_")))
+        files = []
+        seen = set()
+        for root, dirs, names in os.walk(p, followlinks=True):  # a symlinked sub-folder is part of the table
+            real = os.path.realpath(root)
+            if real in seen:  # a link back up the tree: each folder once
+                dirs[:] = []
+                continue
+            seen.add(real)
+            dirs[:] = sorted(d for d in dirs if not d.startswith((".", "_")))
+            for name in names:
+                f = Path(root) / name
+                if name.startswith((".", "_")) or not name.endswith(".parquet"):
+                    continue
+                if not f.exists():
+                    raise InputError(f"{f}: a broken symlink in the table's folder {p} (its target "
+                                     f"{os.readlink(f)} is missing)")
+                files.append(f)
         if not files:
             raise InputError(f"{p}: directory holds no .parquet files")
-        return files
+        return sorted(files)
     if not p.exists():
         raise InputError(f"{p}: no such file or directory")
     return [p]

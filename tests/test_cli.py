@@ -173,6 +173,29 @@ def test_an_input_inside_out_is_refused_and_kept(tmp_path, capsys):
     assert (pool / "part-0.parquet").read_bytes() == before and sorted(p.name for p in pool.iterdir()) == ["part-0.parquet"]
 
 
+def test_pool_folder_symlinks_are_followed_or_refused(tmp_path, capsys):
+    """Issue 23 (5): a symlinked sub-folder of a pool folder is read (all rows scored); a dangling
+    symlink is one error naming it, not a silently smaller pool."""
+    paths, _ = write_inputs(tmp_path / "in", np.random.default_rng(4))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    t = pq.read_table(paths["pool"])
+    pq.write_table(t.slice(0, 20), elsewhere / "b.parquet")
+    pool = tmp_path / "pool"
+    pool.mkdir()
+    pq.write_table(t.slice(20), pool / "a.parquet")
+    (pool / "more").symlink_to(elsewhere, target_is_directory=True)
+    (elsewhere / "loop").symlink_to(pool, target_is_directory=True)      # a cycle is read once
+    paths["pool"] = pool
+    assert main(score_args(paths, tmp_path / "out")) == 0
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["counts"]["pool"] == 40
+    (pool / "gone.parquet").symlink_to(tmp_path / "missing.parquet")
+    assert main(score_args(paths, tmp_path / "out2")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "gone.parquet: a broken symlink" in err[0], err
+    assert not (tmp_path / "out2").exists()
+
+
 def _subparsers(parser):
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):

@@ -204,3 +204,27 @@ def test_an_unreadable_image_in_a_hand_made_folder_is_one_line_from_the_feature_
     assert "UserCodeException" not in err and "RayTaskError" not in err, err[-2000:]
     assert "images.parquet: image_id 7: not a readable image" in err.strip().splitlines()[-1], err[-2000:]
     assert not (tmp_path / "feat" / "images.parquet").exists()
+
+
+def test_one_image_under_two_names_is_one_image(tmp_path):
+    """Issue 23 (9): `img.png` and `./img.png`, or a byte-identical copy, are one image id (so never
+    in two splits) holding every caption; a file_name outside the source folder is refused."""
+    src = make_imagefolder(tmp_path / "src", 12)
+    rows = [json.loads(line) for line in (src / "metadata.jsonl").read_text().splitlines()]
+    first = rows[0]["file_name"]
+    shutil.copy(src / first, src / "copy-of-first.png")
+    rows += [{"file_name": "./" + first, "text": "the same file, written another way"},
+             {"file_name": "copy-of-first.png", "text": "a byte-identical copy"}]
+    (src / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert main(["data", "import", str(src), "--out", str(tmp_path / "data")]) == 0
+    t = tables(tmp_path / "data")
+    assert t["images"].num_rows == 12
+    owner = dict(zip(t["captions"]["text"].to_pylist(), t["captions"]["image_id"].to_pylist()))
+    same = {owner[rows[0]["text"]], owner["the same file, written another way"], owner["a byte-identical copy"]}
+    assert len(same) == 1 and t["captions"].num_rows == len(rows)
+    (src / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows + [
+        {"file_name": "../outside.png", "text": "not ours"}]))
+    (tmp_path / "outside.png").write_bytes((src / first).read_bytes())
+    with pytest.raises(InputError, match=r"line \d+: file_name '../outside.png' is outside the source folder"):
+        import_data(src, tmp_path / "data2")
+    assert not (tmp_path / "data2").exists()

@@ -138,7 +138,7 @@ def _import_images(src: Path, layout: str, pool: Path | None, pool_layout: str |
     images = _Images(tmp / "images.parquet")
     captions: dict[str, list] = {"text_id": [], "image_id": [], "text": []}
     given_split: list[str | None] = []
-    seen: dict[str, str] = {}
+    seen: dict[str, tuple[str, int]] = {}
     sources = [(READERS[layout](src, skip), False)]
     if pool is not None:
         sources.append((READERS[pool_layout](pool, skip), True))
@@ -151,14 +151,19 @@ def _import_images(src: Path, layout: str, pool: Path | None, pool_layout: str |
                     skip(rec.path, str(exc))
                     continue
                 digest = hashlib.sha256(rec.data).hexdigest()
-                if is_pool and digest in seen:  # the same file already imported (paired or pool)
-                    skip(rec.path, f"already imported (same bytes as {seen[digest]})")
-                    continue
-                seen.setdefault(digest, rec.path)
-                if is_pool:
-                    rec.captions, rec.split = [], None
-                image_id = images.add(rec)
-                given_split.append(rec.split)
+                if digest in seen:  # the same image already imported: one id, so never in two splits
+                    first, first_id = seen[digest]
+                    if is_pool or not rec.captions:
+                        skip(rec.path, f"already imported (same bytes as {first})")
+                        continue
+                    skip(rec.path, f"same bytes as {first}: its {len(rec.captions)} caption(s) go to that image")
+                    image_id = first_id
+                else:
+                    if is_pool:
+                        rec.captions, rec.split = [], None
+                    image_id = images.add(rec)
+                    seen[digest] = (rec.path, image_id)
+                    given_split.append(rec.split)
                 for text in rec.captions:
                     captions["text_id"].append(len(captions["text_id"]))
                     captions["image_id"].append(image_id)

@@ -115,15 +115,18 @@ def read_imagefolder(src: Path, skip: Callable[[str, str], None]) -> Iterator[Re
         if text_key is None:
             raise InputError(f"{where}: missing 'text' (has {', '.join(row)})")
         name = str(row["file_name"])
-        rec = records.get(name)
-        if rec is None:
-            path = (src / name).resolve()
+        path = (src / name).resolve()
+        if src.resolve() not in path.parents:  # `../x.png`, `/etc/x.png`: never read outside the source
+            raise InputError(f"{where}: file_name {name!r} is outside the source folder {src}")
+        key = str(path)  # `img3.png` and `./img3.png` are one image, their captions together
+        if key not in records:
             if not path.is_file():
                 skip(str(src / name), "listed in the metadata but missing")
-                records[name] = None
+                records[key] = None
                 continue
-            rec = records[name] = Record(str(path), path.read_bytes())
-        elif rec is None:
+            records[key] = Record(str(path), path.read_bytes())
+        rec = records[key]
+        if rec is None:
             continue
         rec.captions += _captions(row[text_key], where)
         for key in ("group", "split"):
@@ -134,7 +137,7 @@ def read_imagefolder(src: Path, skip: Callable[[str, str], None]) -> Iterator[Re
             if value is not None and old is not None and old != value:
                 raise InputError(f"{where}: {key} {value!r} contradicts {old!r} given earlier for {name}")
             setattr(rec, key, old or value)
-    listed = {str((src / n).resolve()) for n in records}
+    listed = set(records)
     yield from (r for r in records.values() if r is not None)
     for rec in read_folder(src, skip):
         if rec.path not in listed:

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from hnal_ray.config import ScoreConfig, ScoreInputs
-from hnal_ray.io import InputError, check_unique, read_embeddings, read_ids, row_group_starts
+from hnal_ray.io import InputError, check_unique, parquet_files, read_embeddings, read_ids, row_group_starts
 from hnal_ray.score.worker import Anchors, ShardSpec
 
 
@@ -136,8 +136,10 @@ def input_fingerprint(inputs: ScoreInputs) -> list[dict]:
     out = []
     for role, path in (("paired_images", inputs.paired_images), ("paired_texts", inputs.paired_texts),
                        ("pool", inputs.pool)):
-        p = Path(path)
-        files = sorted(p.rglob("*.parquet")) if p.is_dir() else [p]
+        try:
+            files = parquet_files(path)  # the files the readers read, no more, no fewer
+        except InputError:
+            files = []
         for f in files:
             if f.exists():
                 st = f.stat()
