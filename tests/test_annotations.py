@@ -44,13 +44,53 @@ def label_studio_export(tasks_file, path, texts_of=lambda n: [f"caption {n}"], s
     ([(3, "a"), (5, "b"), (8, "c"), (99, "d")], r"line 5: image_id 99 is not an image of the data set"),
     ([(3, "a"), (5, "b"), (8, "c"), (4, "d")], r"line 5: image_id 4 was not selected for annotation in R"),
     ([(3, "a"), (5, ""), (8, "c")], r"line 3: empty caption for image_id 5"),
-    ([(3, "a"), (5, "b"), (8, "c"), (3, " A ")], r"line 5: repeats the caption of .*line 2 for image_id 3"),
     ([(3, "a"), (5, "b")], r"1 of 3 images selected in R have no caption \(ids \[8\]\).*--partial"),
     ([("x", "a")], r"line 2: image_id 'x' is not an integer"),
 ])
 def test_csv_errors_name_the_line(tmp_path, rows, message):
     with pytest.raises(InputError, match=message):
         validate(read_captions(write_csv(tmp_path / "c.csv", rows)), SELECTED, KNOWN, False, "R")
+
+
+def test_files_as_spreadsheets_and_label_studio_save_them(tmp_path, caplog):
+    """Issue 21 (1-7): Excel's CSV UTF-8 (a byte-order mark), Windows-1252, a field over csv's
+    default limit, an upper-case extension, Label Studio's CSV cell of several captions, JSON_MIN,
+    and two annotators writing the same caption: read, not refused; non-text is one error."""
+    rows = [(3, "café au lait"), (5, "b"), (8, "c")]
+    with (tmp_path / "excel.csv").open("w", newline="", encoding="utf-8-sig") as f:   # Excel: CSV UTF-8
+        w = csv.writer(f, dialect="excel")
+        w.writerow(["image_id", "path", "caption"])
+        w.writerows([(i, f"img{i}.png", t) for i, t in rows])
+    want = [(3, "café au lait"), (5, "b"), (8, "c")]
+    assert [(c.image_id, c.text) for c in read_captions(tmp_path / "excel.csv")] == want
+    with (tmp_path / "win.CSV").open("w", newline="", encoding="cp1252") as f:        # Excel on Windows: "CSV"
+        csv.writer(f).writerows([("image_id", "caption"), *rows])
+    assert [(c.image_id, c.text) for c in read_captions(tmp_path / "win.CSV")] == want
+    assert "not UTF-8; read as Windows-1252" in caplog.text
+    big = "x" * 200_000                                                               # an embedded image column
+    with (tmp_path / "big.csv").open("w", newline="") as f:
+        csv.writer(f).writerows([("image_id", "image", "caption"), *[(i, big, t) for i, t in rows]])
+    assert [(c.image_id, c.text) for c in read_captions(tmp_path / "big.csv")] == want
+    with (tmp_path / "ls.csv").open("w", newline="") as f:                            # Label Studio's CSV export
+        csv.writer(f).writerows([("image_id", "caption"), (3, json.dumps({"text": ["FREE button", "free"]})),
+                                 (5, "b"), (8, "c")])
+    assert [(c.image_id, c.text) for c in read_captions(tmp_path / "ls.csv")] == [
+        (3, "FREE button"), (3, "free"), (5, "b"), (8, "c")]
+    (tmp_path / "min.json").write_text(json.dumps([                                 # Label Studio's JSON_MIN
+        {"id": 100, "image": "x", "image_id": 3, "caption": "a"},
+        {"id": 101, "image": "x", "image_id": 5, "caption": ["b", "b2"]},
+        {"id": 102, "image": "x", "image_id": 8, "caption": {"text": ["c"]}}]))
+    assert [(c.image_id, c.text) for c in read_captions(tmp_path / "min.json")] == [
+        (3, "a"), (5, "b"), (5, "b2"), (8, "c")]
+    two = read_captions(write_csv(tmp_path / "two.csv", [(3, "a"), (5, "b"), (8, "c"), (3, " A ")]))
+    kept, _ = validate(two, SELECTED, KNOWN, False, "R")                               # two annotators, one caption
+    assert [(c.image_id, c.text) for c in kept] == [(3, "a"), (5, "b"), (8, "c")]
+    (tmp_path / "nul.csv").write_bytes(b"image_id,caption\n3,a\n5,\x00b\n")
+    with pytest.raises(InputError, match=r"nul.csv: line 3: not a text file"):
+        read_captions(tmp_path / "nul.csv")
+    (tmp_path / "bad.csv").write_bytes(b"image_id,caption\n3,a\n5,b\x81\n")
+    with pytest.raises(InputError, match=r"bad.csv: line 3: not UTF-8 text, nor Windows-1252"):
+        read_captions(tmp_path / "bad.csv")
 
 
 def test_partial_import_and_several_captions_per_image(tmp_path):

@@ -228,3 +228,13 @@ def test_one_image_under_two_names_is_one_image(tmp_path):
     with pytest.raises(InputError, match=r"line \d+: file_name '../outside.png' is outside the source folder"):
         import_data(src, tmp_path / "data2")
     assert not (tmp_path / "data2").exists()
+
+
+def test_a_file_that_is_not_an_image_is_named(tmp_path, capsys):
+    """Issue 21 (8): notes.txt in a pool folder is reported as skipped, as the README says."""
+    src = make_imagefolder(tmp_path / "src", 6)
+    pool = make_pool_folder(tmp_path / "pool", 3)
+    (pool / "notes.txt").write_text("taken on a Tuesday")
+    assert main(["data", "import", str(src), "--pool", str(pool), "--out", str(tmp_path / "data")]) == 0
+    err = capsys.readouterr().err
+    assert f"skipped {pool / 'notes.txt'}: not an image file (extension .txt" in err and "skipped 1 file(s)" in err

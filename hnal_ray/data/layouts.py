@@ -145,9 +145,14 @@ def read_imagefolder(src: Path, skip: Callable[[str, str], None]) -> Iterator[Re
 
 
 def read_folder(src: Path, skip: Callable[[str, str], None]) -> Iterator[Record]:
-    """Every image file under src (recursively, name order), without captions."""
-    for path in sorted(p for p in src.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES):
-        yield Record(str(path.resolve()), path.read_bytes())
+    """Every image file under src (recursively, name order), without captions; any other file (not
+    hidden, not the metadata) is named as skipped."""
+    for path in sorted(p for p in src.rglob("*") if p.is_file()):
+        if path.suffix.lower() in IMAGE_SUFFIXES:
+            yield Record(str(path.resolve()), path.read_bytes())
+        elif not path.name.startswith(".") and path.name not in ("metadata.jsonl", "metadata.csv"):
+            skip(str(path), f"not an image file (extension {path.suffix or 'none'}; images are "
+                            f"{', '.join(sorted(IMAGE_SUFFIXES))})")
 
 
 def _cell_bytes(value):

@@ -12,8 +12,10 @@ from __future__ import annotations
 import base64
 import csv
 import html
+import io
 import json
 import logging
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -102,13 +104,36 @@ def read_captions(path: str | Path) -> list[Caption]:
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: no such file")
-    if path.suffix == ".csv":
+    suffix = path.suffix.lower()  # captions.CSV as saved on Windows
+    if suffix == ".csv":
         return _read_csv(path)
-    if path.suffix == ".jsonl":
+    if suffix == ".jsonl":
         return _read_jsonl(path)
-    if path.suffix == ".json":
+    if suffix == ".json":
         return _read_label_studio(path)
     raise InputError(f"{path}: expected a .csv, .jsonl or Label Studio .json export")
+
+
+def read_text(path: Path) -> str:
+    """A text file as spreadsheets and editors save it: UTF-8 with or without Excel's byte-order
+    mark, else Windows-1252 (Excel's "CSV" on Western Windows), told in the log; a file that is not
+    text (a NUL byte, or bytes no encoding here maps) is one error naming the line."""
+    data = path.read_bytes()
+    if b"\x00" in data:
+        line = data[:data.index(b"\x00")].count(b"\n") + 1
+        raise InputError(f"{path}: line {line}: not a text file (a NUL byte; save it as CSV UTF-8)")
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        utf8_error = exc
+    try:
+        text = data.decode("cp1252")
+    except UnicodeDecodeError:
+        line = data[:utf8_error.start].count(b"\n") + 1
+        raise InputError(f"{path}: line {line}: not UTF-8 text, nor Windows-1252 (byte 0x{data[utf8_error.start]:02x}); "
+                         f"save it as CSV UTF-8") from None
+    log.warning("%s: not UTF-8; read as Windows-1252 (from byte %d)", path, utf8_error.start)
+    return text
 
 
 def _image_id(value, where: str) -> int:
@@ -124,19 +149,39 @@ def _image_id(value, where: str) -> int:
 
 
 def _read_csv(path: Path) -> list[Caption]:
-    with path.open(newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        names = reader.fieldnames or []
+    csv.field_size_limit(sys.maxsize)  # Label Studio's CSV export embeds images in a column
+    reader = csv.DictReader(io.StringIO(read_text(path), newline=""))
+    try:
+        names = [n.strip() for n in reader.fieldnames or []]
+        reader.fieldnames = names
         text_col = next((c for c in ("caption", "text") if c in names), None)
         if "image_id" not in names or text_col is None:
             raise InputError(f"{path}: needs columns image_id and caption (has {', '.join(names) or 'none'})")
-        return [Caption(f"{path}: line {n}", _image_id(row["image_id"], f"{path}: line {n}"), row[text_col] or "")
-                for n, row in enumerate(reader, start=2)]
+        out = []
+        for row in reader:
+            where = f"{path}: line {reader.line_num}"
+            out += [Caption(where, _image_id(row["image_id"], where), t) for t in _cell_captions(row[text_col] or "")]
+        return out
+    except csv.Error as exc:
+        raise InputError(f"{path}: line {reader.line_num}: not a readable CSV row ({exc})") from None
+
+
+def _cell_captions(cell: str) -> list[str]:
+    """The captions of one CSV cell: plain text, or Label Studio's CSV export of a text area holding
+    several (`{"text": ["a", "b"]}`), kept as several captions."""
+    if cell.lstrip().startswith("{"):
+        try:
+            value = json.loads(cell)
+        except json.JSONDecodeError:
+            return [cell]
+        if isinstance(value, dict) and "text" in value:
+            return _as_list(value["text"])
+    return [cell]
 
 
 def _read_jsonl(path: Path) -> list[Caption]:
     out = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for n, line in enumerate(read_text(path).splitlines(), start=1):
         if not line.strip():
             continue
         where = f"{path}: line {n}"
@@ -154,7 +199,7 @@ def _read_jsonl(path: Path) -> list[Caption]:
 
 def _read_label_studio(path: Path) -> list[Caption]:
     try:
-        tasks = json.loads(path.read_text(encoding="utf-8"))
+        tasks = json.loads(read_text(path))
     except json.JSONDecodeError as exc:
         raise InputError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
     if not isinstance(tasks, list):
@@ -162,6 +207,9 @@ def _read_label_studio(path: Path) -> list[Caption]:
     out = []
     for n, task in enumerate(tasks):
         where = f"{path}: task {n}" + (f" (id {task.get('id')})" if isinstance(task, dict) and "id" in task else "")
+        if isinstance(task, dict) and "data" not in task and "image_id" in task:  # JSON_MIN: flat, one per task
+            out += [Caption(where, _image_id(task["image_id"], where), t) for t in _min_captions(task.get("caption"))]
+            continue
         if not isinstance(task, dict) or "image_id" not in (task.get("data") or {}):
             raise InputError(f"{where}: no data.image_id (was the project made from label_studio_tasks.json?)")
         image_id = _image_id(task["data"]["image_id"], where)
@@ -172,6 +220,16 @@ def _read_label_studio(path: Path) -> list[Caption]:
     return out
 
 
+def _min_captions(v) -> list[str]:
+    """JSON_MIN's value of the `caption` text area: a string, a list, {"text": [...]}, or a list of
+    those (one per annotator)."""
+    if isinstance(v, dict):
+        return _as_list(v.get("text"))
+    if isinstance(v, list):
+        return [t for x in v for t in _min_captions(x)]
+    return _as_list(v)
+
+
 def _as_list(v) -> list[str]:
     return [x for x in (v if isinstance(v, list) else [v]) if isinstance(x, str)]
 
@@ -180,7 +238,7 @@ def validate(captions: list[Caption], selected: np.ndarray, known: np.ndarray, p
              what: str) -> tuple[list[Caption], np.ndarray]:
     """Checked captions (stripped) and the selected ids that got none. An empty caption is an error,
     or with `partial` a row left blank; uncaptioned selected images are an error unless `partial`."""
-    sel, seen, kept = set(np.asarray(selected).tolist()), {}, []
+    sel, seen, kept, merged = set(np.asarray(selected).tolist()), {}, [], 0
     known = set(np.asarray(known).tolist())
     for c in captions:
         if c.image_id not in known:
@@ -194,10 +252,13 @@ def validate(captions: list[Caption], selected: np.ndarray, known: np.ndarray, p
             raise InputError(f"{c.where}: empty caption for image_id {c.image_id} (fill it, delete the row, "
                              f"or import with --partial)")
         key = (c.image_id, text.casefold())
-        if key in seen:
-            raise InputError(f"{c.where}: repeats the caption of {seen[key]} for image_id {c.image_id}")
+        if key in seen:  # several annotators wrote the same caption: one caption
+            merged += 1
+            continue
         seen[key] = c.where
         kept.append(Caption(c.where, c.image_id, text))
+    if merged:
+        log.info("%d repeated caption(s) (the same text for the same image) merged", merged)
     missing = np.setdiff1d(np.asarray(selected, np.int64), [c.image_id for c in kept])
     if len(missing) and not partial:
         raise InputError(f"{len(missing)} of {len(sel)} images selected in {what} have no caption (ids "
