@@ -5,7 +5,9 @@ import argparse
 import json
 import logging
 import shlex
+import signal
 import sys
+import threading
 
 from hnal_ray.config import QUOTAS, WITHIN, ConfigError
 from hnal_ray.io import InputError
@@ -334,8 +336,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler, `kill`, a container stop), handled like Ctrl-C: every `finally` runs, the
+    embedded Ray is shut down, finished work stays for a resume."""
+
+
+_TERMINATED = []
+
+
+def _terminate(signum, frame):
+    _TERMINATED.append(signum)  # Ray may re-raise the interrupt as a plain KeyboardInterrupt: remember why
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminate)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)
@@ -345,9 +362,11 @@ def main(argv: list[str] | None = None) -> int:
         command = " ".join(filter(None, (args.command, getattr(args, "dataset", None), getattr(args, "action", None))))
         print(f"hnal {command}: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:  # the embedded Ray was shut down on the way out
-        print(f"hnal {args.command}: interrupted; re-run the same command to resume", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:  # the embedded Ray was shut down on the way out
+        term = isinstance(exc, Terminated) or bool(_TERMINATED)
+        print(f"hnal {args.command}: {'terminated (SIGTERM)' if term else 'interrupted'}; re-run the same command "
+              f"to resume", file=sys.stderr)
+        return 143 if term else 130
 
 
 if __name__ == "__main__":

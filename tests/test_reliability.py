@@ -189,3 +189,47 @@ def test_baselines_without_paired_texts(tmp_path, strategy):
     pq.write_table(t.slice(0, 0), paths["paired_texts"])
     assert main(score_args(paths, tmp_path / "out", "--strategy", strategy)) == 0
     assert len(selected(tmp_path / "out")) == 7
+
+
+@pytest.fixture(scope="module")
+def slow_inputs(tmp_path_factory):
+    """A pool large enough that scoring takes a few seconds (for signals sent mid-run)."""
+    from hnal_ray.data.synthetic import make_example
+
+    return make_example(tmp_path_factory.mktemp("slow"), n_images=6000, n_pool=150_000, n_pool_texts=10, dim=64,
+                        file_rows=25_000)
+
+
+@pytest.mark.ray
+@pytest.mark.parametrize("shards", [0, 1])
+def test_sigterm_is_one_line_exit_143_and_resumes(tmp_path, slow_inputs, shards):
+    """Issue 23 (10): SIGTERM mid-score (in process, or with an embedded Ray and an actor) is handled
+    like Ctrl-C: one line naming the resume, exit 143, no stack dump; the same command then finishes
+    with the selection of an undisturbed run."""
+    import signal
+    import time
+
+    p = slow_inputs
+    args = [sys.executable, "-m", "hnal_ray.cli", "score", "--paired-images", str(p["paired_images"]),
+            "--paired-texts", str(p["paired_texts"]), "--pool", str(p["pool_images"]), "--budget", "50",
+            "--shards", str(shards), "--shard-rows", "25000", "--stream-rows", "4096"]
+    proc = subprocess.Popen(args + ["--out", str(tmp_path / "cut")], stderr=subprocess.PIPE, text=True)
+    lines = []
+    for line in proc.stderr:  # thresholds done: the pool is being scored (a few seconds); terminate
+        lines.append(line)
+        if "thresholds for" in line:
+            break
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGTERM)
+    rest = proc.stderr.read()
+    assert proc.wait(timeout=120) == 143, "".join(lines) + rest
+    last = [ln for ln in rest.strip().splitlines() if ln.strip()][-1]
+    assert last == "hnal score: terminated (SIGTERM); re-run the same command to resume", rest[-2000:]
+    assert "Stack trace" not in rest and "Traceback" not in rest and "*** SIG" not in rest, rest[-2000:]
+    again = subprocess.run(args + ["--out", str(tmp_path / "cut")], capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-2000:]
+    clean = subprocess.run(args[:args.index("--shards")] + ["--out", str(tmp_path / "clean")], capture_output=True,
+                           text=True, timeout=600)
+    assert clean.returncode == 0
+    assert pq.read_table(tmp_path / "cut" / "selection.parquet").equals(
+        pq.read_table(tmp_path / "clean" / "selection.parquet"))

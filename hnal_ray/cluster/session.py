@@ -4,6 +4,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
+import threading
 
 import ray
 
@@ -20,12 +22,16 @@ def ray_session(address: str | None = None, num_cpus: int | None = None):
         yield
         return
     address = address or os.environ.get("RAY_ADDRESS")
+    main = threading.current_thread() is threading.main_thread()
+    on_term = signal.getsignal(signal.SIGTERM) if main else None
     if address:
         ray.init(address=address, logging_level=logging.WARNING)
         log.info("connected to Ray at %s: %s", address, ray.cluster_resources())
     else:
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING)
         log.info("started an embedded Ray: %s", ray.cluster_resources())
+    if main and on_term is not None:  # ray.init installs its own SIGTERM handler: the caller's stays in charge
+        signal.signal(signal.SIGTERM, on_term)
     try:
         yield
     finally:
