@@ -70,3 +70,16 @@ def test_names_seeds_and_training_settings_are_checked(sets, message):
     settings are checked before anything runs, with one line naming the key."""
     with pytest.raises(ConfigError, match=message):
         load_loop_config(REPO / "jobs" / "smoke.yaml", sets)
+
+
+def test_then_types_and_huge_values_give_one_short_line(tmp_path):
+    """Issue 23 (10): a `then:` of the wrong type is a ConfigError naming it, not a traceback; a YAML
+    alias bomb in a typed key gives a short line, not the expanded value."""
+    with pytest.raises(ConfigError, match=r"then.k must be an integer, got 'x'"):
+        load_loop_config(REPO / "jobs" / "smoke.yaml",
+                         ["strategies=[{name: b, strategy: hard-negative, switch_at: 5, then: {k: x}}]"])
+    bomb = "[&a [x, x, x, x, x, x, x, x, x], " + ", ".join(
+        f"&{c} [{', '.join([f'*{p}'] * 9)}]" for p, c in zip("abcdef", "bcdefg")) + "]"   # 9^7 values expanded
+    with pytest.raises(ConfigError) as exc:
+        load_loop_config(REPO / "jobs" / "smoke.yaml", [f"seeds={bomb}"])
+    assert "seeds must be a list of integers" in str(exc.value) and len(str(exc.value)) < 400 and "\n" not in str(exc.value)

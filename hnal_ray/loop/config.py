@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import reprlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,7 +47,9 @@ class StrategyConfig:
             allowed = {"strategy", "weight", "k", "threshold_batch", "clusters", "quota", "within", "max_clusters",
                        "min_cluster_size"}
             if not isinstance(self.then, dict) or set(self.then) - allowed:
-                raise ConfigError(f"strategies: {self.name}: then may set only {sorted(allowed)}, got {self.then!r}")
+                raise ConfigError(f"strategies: {self.name}: then may set only {sorted(allowed)}, got "
+                                  f"{short_repr(self.then)}")
+            check_types(StrategyConfig, self.then, f"strategies: {self.name}: then.", set(), partial=True)
 
     def score_config(self, budget: int, seed: int, shards: int, paired_images: int = 0) -> ScoreConfig:
         """The `hnal score` options for a round that starts with `paired_images` paired images."""
@@ -185,7 +188,7 @@ def load_loop_config(path: str | Path, overrides: list[str] = ()) -> LoopConfig:
     return dataclasses.replace(cfg, seeds=tuple(cfg.seeds))
 
 
-def check_types(cls, values: dict, prefix: str, nested: set[str]) -> dict:
+def check_types(cls, values: dict, prefix: str, nested: set[str], partial: bool = False) -> dict:
     """Unknown keys and values of the wrong type (by the dataclass's annotations) are ConfigErrors
     naming the key, e.g. `budget must be an integer, got 'abc'`."""
     fields = {f.name: f for f in dataclasses.fields(cls)}
@@ -195,12 +198,23 @@ def check_types(cls, values: dict, prefix: str, nested: set[str]) -> dict:
             raise ConfigError(f"{prefix}{key}: unknown key (known: {known})")
         want = str(fields[key].type)
         if not _fits(value, want):
-            raise ConfigError(f"{prefix}{key} must be {_describe(want)}, got {value!r}")
+            raise ConfigError(f"{prefix}{key} must be {_describe(want)}, got {short_repr(value)}")
     missing = [n for n, f in fields.items() if n not in values and n not in nested
                and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
-    if missing:
+    if missing and not partial:
         raise ConfigError(f"{prefix}{missing[0]}: required key is missing")
     return values
+
+
+def short_repr(value, limit: int = 120) -> str:
+    """repr(value), cut to `limit` characters: an error line stays one line (a YAML alias bomb
+    expands to megabytes)."""
+    short = reprlib.Repr()
+    short.maxstring = short.maxother = limit
+    short.maxlist = short.maxdict = 8
+    short.maxlevel = 3
+    text = short.repr(value)
+    return text if len(text) <= limit else text[:limit] + f"... ({len(text)} characters)"
 
 
 _KINDS = {"int": lambda v: isinstance(v, int) and not isinstance(v, bool),
