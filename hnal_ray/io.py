@@ -9,6 +9,7 @@ Embeddings are L2-normalised here, by the reader, so every kernel sees unit vect
 from __future__ import annotations
 
 import json
+import logging
 import os
 import uuid
 from dataclasses import dataclass
@@ -335,13 +336,30 @@ def write_parquet(table: pa.Table, path: str | os.PathLike, row_group_size: int 
 
 
 def write_json(obj: dict, path: str | os.PathLike) -> Path:
-    """Atomic JSON write (sorted keys, so equal content gives equal bytes)."""
+    """Atomic JSON write (sorted keys, so equal content gives equal bytes), flushed to disk before the
+    rename, so a power cut leaves the old file or the new one, never an empty one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _tmp_name(path)
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=_jsonable) + "\n")
+    with open(tmp, "w") as fh:
+        fh.write(json.dumps(obj, indent=2, sort_keys=True, default=_jsonable) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
     os.replace(tmp, path)
     return path
+
+
+def read_json(path: str | os.PathLike) -> dict | None:
+    """A JSON object written by `write_json`, or None when the file is missing, empty or cut short (a
+    crash of a system without the fsync): the step that wrote it is then done again."""
+    try:
+        value = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        return None
+    except (ValueError, UnicodeDecodeError):
+        logging.getLogger(__name__).warning("%s: empty or damaged; the step that wrote it is done again", path)
+        return None
+    return value if isinstance(value, dict) else None
 
 
 def _jsonable(x):

@@ -139,3 +139,19 @@ def test_one_loop_at_a_time_writes_an_out(smoke, tmp_path):
     with out_lock(tmp_path / "held"):
         other = loop(tmp_path / "held", sets)
     assert other.returncode == 2 and "another run" in other.stderr and "is writing this --out" in other.stderr
+
+
+def test_an_empty_state_file_redoes_that_round(smoke, tmp_path):
+    """Issue 23 (10): an empty state.json (a crash before its bytes reached the disk) makes the re-run
+    redo that round, not raise on every re-run; the numbers are the same."""
+    import shutil
+
+    root, sets, _ = smoke
+    out = tmp_path / "out"
+    shutil.copytree(root / "out", out)
+    state = sorted(out.glob("*/seed-*/round-2/state.json"))[0]
+    state.write_text("")
+    again = loop(out, sets)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "5 rounds (4 already done)" in again.stderr and "empty or damaged" in again.stderr
+    assert pq.read_table(out / "metrics.parquet").equals(pq.read_table(root / "out" / "metrics.parquet"))

@@ -233,3 +233,22 @@ def test_sigterm_is_one_line_exit_143_and_resumes(tmp_path, slow_inputs, shards)
     assert clean.returncode == 0
     assert pq.read_table(tmp_path / "cut" / "selection.parquet").equals(
         pq.read_table(tmp_path / "clean" / "selection.parquet"))
+
+
+def test_an_empty_manifest_or_summary_is_redone_not_a_traceback(tmp_path):
+    """Issue 23 (10): an empty `.work/manifest.json` (a crash before its bytes reached the disk) or an
+    empty `summary.json` makes the re-run redo the work, with the same outputs."""
+    from hnal_ray.io import read_json
+
+    paths, _ = write_inputs(tmp_path / "in", np.random.default_rng(8), n_pool=40)
+    assert main(score_args(paths, tmp_path / "a")) == 0
+    want = pq.read_table(tmp_path / "a" / "selection.parquet")
+    (tmp_path / "a" / "summary.json").write_text("")
+    assert read_json(tmp_path / "a" / "summary.json") is None
+    assert main(score_args(paths, tmp_path / "a")) == 0
+    assert json.loads((tmp_path / "a" / "summary.json").read_text())["counts"]["selected"] == 7
+    (tmp_path / "a" / ".work").mkdir()
+    (tmp_path / "a" / ".work" / "manifest.json").write_text("")
+    (tmp_path / "a" / "summary.json").write_text("{")
+    assert main(score_args(paths, tmp_path / "a")) == 0
+    assert pq.read_table(tmp_path / "a" / "selection.parquet").equals(want)

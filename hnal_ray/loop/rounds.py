@@ -21,7 +21,7 @@ import torch
 from hnal_ray.config import ConfigError, ScoreInputs
 from hnal_ray.data.features import FeatureSet, load_features
 from hnal_ray.data.splits import split_ids
-from hnal_ray.io import embedding_array, read_embeddings, write_json, write_parquet
+from hnal_ray.io import embedding_array, read_embeddings, read_json, write_json, write_parquet
 from hnal_ray.loop.annotate import OracleAnnotator
 from hnal_ray.loop.config import LoopConfig, StrategyConfig
 from hnal_ray.loop.diagnostics import selection_diagnostics
@@ -93,8 +93,7 @@ def round_dir(out: Path, strategy: str | None, seed: int, r: int) -> Path:
 
 
 def read_state(out: Path, strategy: str | None, seed: int, r: int) -> dict | None:
-    f = round_dir(out, strategy, seed, r) / "state.json"
-    return json.loads(f.read_text()) if f.exists() else None
+    return read_json(round_dir(out, strategy, seed, r) / "state.json")
 
 
 # ---------------------------------------------------------------------------------- one round

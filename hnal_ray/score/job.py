@@ -27,7 +27,7 @@ from hnal_ray.score.kmeans import fit_centres, fit_fraction, in_fit, lloyd_updat
 from hnal_ray.score.coverage import SLACK, Candidates, greedy_cover
 from hnal_ray.config import ScoreConfig, ScoreInputs
 from hnal_ray.device import faiss_uses_gpu, pick_device
-from hnal_ray.io import InputError, read_embeddings, read_ids, read_rows, write_json, write_parquet
+from hnal_ray.io import InputError, read_embeddings, read_json, read_ids, read_rows, write_json, write_parquet
 from hnal_ray.score.outdir import check_out, out_lock
 from hnal_ray.score.plan import Plan, check_inputs, input_fingerprint, key_shards, load_keys_sorted, pool_shards
 from hnal_ray.score.selection import Ranked, merge_top
@@ -367,9 +367,10 @@ def _run_coreset(inputs, cfg, plan, out, key, t0, timings) -> dict:
 def _work_dir(out: Path, key: str) -> Path:
     """out/.work holds parts and the manifest of an unfinished run; another run's is discarded."""
     work = out / ".work"
-    mf = work / "manifest.json"
-    if mf.exists() and json.loads(mf.read_text()).get("run_key") == key:
+    manifest = read_json(work / "manifest.json")
+    if manifest is not None and manifest.get("run_key") == key:
         return work
+    mf = work / "manifest.json"
     shutil.rmtree(work, ignore_errors=True)
     (work / "parts").mkdir(parents=True)
     (work / "top").mkdir()
@@ -422,9 +423,8 @@ def _read_candidates(work: Path, manifest: dict, i: int) -> Candidates:
 
 
 def _finished_summary(out: Path, key: str) -> dict | None:
-    f = out / "summary.json"
-    if f.exists() and (out / "selection.parquet").exists() and (out / "scores.parquet").exists():
-        summary = json.loads(f.read_text())
+    summary = read_json(out / "summary.json")
+    if summary is not None and (out / "selection.parquet").exists() and (out / "scores.parquet").exists():
         if summary.get("run_key") == key:
             return summary
     return None
