@@ -132,15 +132,16 @@ def _matmul_unit(device: torch.device) -> float:
     return _U if torch.get_float32_matmul_precision() == "highest" and not tf32 else 2.0 ** -8
 
 
-def assign(x: np.ndarray, centres: np.ndarray, device: torch.device | None = None, block: int | None = None,
-           with_distance: bool = False):
+def assign(x: np.ndarray, centres: np.ndarray, device: torch.device | None = None, block: int = 1024,
+           chunk: int = 1024, with_distance: bool = False):
     """(n,) int64 nearest centre of each (n, d) row by squared L2, the answer of the float64 reference
     (hnal_ray.score.reference.dense_assign, first index among ties).
 
-    A float32 GEMM (on `device`) ranks every centre; a centre can be the nearest only if its float32
-    value is within twice the rounding bound of the row's minimum, and a row with more than one such
-    candidate is re-checked in float64 over its candidates alone. Each row's label is a function of
-    that row and the centres only: the same for any block, shard, actor count or device.
+    Float32 GEMMs (on `device`, cache-sized: `block` rows x `chunk` centres) give each row its two
+    nearest centres; where the second is within twice the proven rounding bound of the first, the
+    row is re-ranked against every centre in float32 and its candidates (those within the bound of
+    its minimum) compared in float64. Each row's label is a function of that row and the centres
+    only: the same for any block, shard, actor count or device.
     `with_distance`: also the (n,) float64 squared distance to that centre."""
     device = device or torch.device("cpu")
     x = np.ascontiguousarray(x, np.float32)
@@ -150,32 +151,43 @@ def assign(x: np.ndarray, centres: np.ndarray, device: torch.device | None = Non
     if n == 0 or k == 0:
         return (label, np.zeros(n)) if with_distance else label
     c2 = (c64 * c64).sum(1)
-    bound = assign_bound(x.shape[1], np.linalg.norm(x.astype(np.float64), axis=1), float(np.sqrt(c2.max())),
-                         _matmul_unit(device))
-    block = block or max(1, min(8192, (1 << 25) // k))
+    slack = 2 * assign_bound(x.shape[1], np.linalg.norm(x.astype(np.float64), axis=1), float(np.sqrt(c2.max())),
+                             _matmul_unit(device)) * (1 + 4 * _U)
     ct = torch.from_numpy(c64.astype(np.float32)).to(device)
     c2t = torch.from_numpy(c2.astype(np.float32)).to(device)
     with torch.inference_mode():
         for lo in range(0, n, block):
             xb = torch.from_numpy(x[lo:lo + block]).to(device)
-            dist = torch.addmm(c2t[None, :], xb, ct.T, beta=1, alpha=-2)   # (b, k) float32, |x|^2 dropped
-            low, arg = dist.min(dim=1)
-            e = torch.from_numpy(bound[lo:lo + block].astype(np.float32)).to(device)
-            cand = dist <= (low + 2 * e * (1 + 4 * _U))[:, None]
-            many = torch.nonzero(cand.sum(1) > 1).flatten()
+            best = torch.full((len(xb), 2), float("inf"), device=device)
+            arg = torch.zeros(len(xb), dtype=torch.int64, device=device)
+            for c0 in range(0, k, chunk):   # the two smallest of every row over all chunks
+                dist = torch.addmm(c2t[None, c0:c0 + chunk], xb, ct[c0:c0 + chunk].T, beta=1, alpha=-2)
+                two = torch.topk(dist, min(2, dist.shape[1]), dim=1, largest=False)
+                vals = torch.cat([best, two.values], 1)
+                idx = torch.cat([arg[:, None].expand(-1, 2), two.indices + c0], 1)
+                order = torch.sort(vals, dim=1, stable=True)
+                best = order.values[:, :2]
+                arg = torch.gather(idx, 1, order.indices[:, :1])[:, 0]
             lab = arg.cpu().numpy().astype(np.int64)
-            if len(many):  # the undecided rows, in float64 over their candidates only
-                pairs = torch.nonzero(cand[many]).cpu().numpy()
-                rows, cols = many.cpu().numpy()[pairs[:, 0]], pairs[:, 1]
-                d64 = ((x[lo + rows].astype(np.float64) - c64[cols]) ** 2).sum(1)
-                first = np.lexsort((cols, d64, rows))          # per row: least distance, then least index
-                keep = first[np.r_[True, rows[first][1:] != rows[first][:-1]]]
-                lab[rows[keep]] = cols[keep]
+            gap = (best[:, 1] - best[:, 0]).cpu().numpy()
+            for r in np.flatnonzero(~(gap > slack[lo:lo + len(lab)])):  # undecided rows: rare
+                label_r = _recheck(x[lo + r], c64, ct, c2t, slack[lo + r], device)
+                lab[r] = label_r
             label[lo:lo + block] = lab
     if with_distance:
         diff = x.astype(np.float64) - c64[label]
         return label, (diff * diff).sum(1)
     return label
+
+
+def _recheck(row: np.ndarray, c64: np.ndarray, ct: torch.Tensor, c2t: torch.Tensor, slack: float,
+             device: torch.device) -> int:
+    """One undecided row: its float32 candidates (within `slack` of its minimum, over every centre),
+    then the least float64 distance among them, the smaller index among ties."""
+    d = (c2t - 2 * (ct @ torch.from_numpy(row).to(device))).cpu().numpy()
+    idx = np.flatnonzero(d <= d.min() + slack)
+    d64 = ((row.astype(np.float64)[None, :] - c64[idx]) ** 2).sum(1)
+    return int(idx[int(np.argmin(d64))])
 
 
 def lloyd_sums(x: np.ndarray, label: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
