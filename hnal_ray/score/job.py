@@ -218,7 +218,9 @@ def _centres(plan: Plan, cfg: ScoreConfig, backend, work: Path, timings: dict) -
         log.info("k-means: resuming after step %d of %d", step, cfg.fit_iters)
     else:
         start = min(fraction, max(cfg.cluster_sample, 2 * k) / n_items)  # and enough for k centres
-        x = np.concatenate([_fit_rows(path, col, cfg.seed, start, plan.dim) for path, col in tables])
+        parts = [_fit_rows(path, col, cfg.seed, start, plan.dim) for path, col in tables]
+        x = parts[0] if len(parts) == 1 else np.concatenate(parts)
+        del parts
         timings["kmeans_sample_s"] = time.perf_counter() - t
         centres = fit_centres(x, k, cfg.seed, gpu=faiss_uses_gpu(pick_device(cfg.device)))
         step = 0

@@ -22,6 +22,14 @@ FIT_SALT = 0x5EED_C1A5   # the fit sample's hash keys are drawn apart from the r
 _U = 2.0 ** -24
 
 
+def row_norms(x: np.ndarray, block: int = 65536) -> np.ndarray:
+    """(n,) float64 L2 norms of float32 rows, a block at a time (no float64 copy of x)."""
+    out = np.empty(len(x))
+    for lo in range(0, len(x), block):
+        out[lo:lo + block] = np.sqrt((x[lo:lo + block].astype(np.float64) ** 2).sum(1))
+    return out
+
+
 def fit_fraction(n_items: int, k: int, max_points_per_centroid: int) -> float:
     """Share of the items (pool and paired alike, so each side in proportion to its count) that the
     fit sees: at most `max_points_per_centroid x k` of them."""
@@ -95,7 +103,7 @@ def kmeans_pp(x: np.ndarray, k: int, seed: int) -> np.ndarray:
     by (d, 2 + ln k): the flat fit is kept to FLAT_MAX clusters for it."""
     rng = np.random.default_rng(seed)
     n, trials = len(x), 2 + int(math.log(k))
-    x2 = (x.astype(np.float64) ** 2).sum(1)
+    x2 = row_norms(x) ** 2
 
     def dist(rows):
         return np.maximum(x2[:, None] - 2 * (x @ x[rows].T).astype(np.float64) + x2[rows][None, :], 0)
@@ -151,7 +159,7 @@ def assign(x: np.ndarray, centres: np.ndarray, device: torch.device | None = Non
     if n == 0 or k == 0:
         return (label, np.zeros(n)) if with_distance else label
     c2 = (c64 * c64).sum(1)
-    slack = 2 * assign_bound(x.shape[1], np.linalg.norm(x.astype(np.float64), axis=1), float(np.sqrt(c2.max())),
+    slack = 2 * assign_bound(x.shape[1], row_norms(x), float(np.sqrt(c2.max())),
                              _matmul_unit(device)) * (1 + 4 * _U)
     ct = torch.from_numpy(c64.astype(np.float32)).to(device)
     c2t = torch.from_numpy(c2.astype(np.float32)).to(device)
@@ -190,22 +198,23 @@ def _recheck(row: np.ndarray, c64: np.ndarray, ct: torch.Tensor, c2t: torch.Tens
     return int(idx[int(np.argmin(d64))])
 
 
-def lloyd_sums(x: np.ndarray, label: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+def lloyd_sums(x: np.ndarray, label: np.ndarray, k: int, block: int = 8192) -> tuple[np.ndarray, np.ndarray]:
     """(sums (k, d) int64, counts (k,) int64) of the (n, d) rows of each cluster, in fixed point
     (each value rounded to a multiple of 2^-32 on its own): integer sums are exact, so adding the
-    parts of any sharding in any order gives the same totals and the same centres.
+    parts of any sharding in any order gives the same totals and the same centres. `block` rows are
+    converted at a time, so the working memory does not grow with n.
 
     x: unit-norm rows (|x_i| <= 1), as every embedding of this project is after reading."""
-    x = np.asarray(x, np.float64)
-    if len(x) and np.abs(x).max() > 1 + 1e-6:
-        raise ValueError("lloyd_sums needs L2-normalised rows (every |x_i| <= 1)")
     sums = np.zeros((k, x.shape[1]), np.int64)
     counts = np.bincount(label, minlength=k).astype(np.int64)
-    if len(x):
-        order = np.argsort(label, kind="stable")
-        lab = label[order]
+    for lo in range(0, len(x), block):
+        xb, lab = np.asarray(x[lo:lo + block], np.float64), label[lo:lo + block]
+        if np.abs(xb).max() > 1 + 1e-6:
+            raise ValueError("lloyd_sums needs L2-normalised rows (every |x_i| <= 1)")
+        order = np.argsort(lab, kind="stable")
+        lab = lab[order]
         starts = np.r_[0, np.flatnonzero(np.diff(lab)) + 1]
-        sums[lab[starts]] = np.add.reduceat(np.rint(x[order] * QUANT).astype(np.int64), starts, axis=0)
+        sums[lab[starts]] += np.add.reduceat(np.rint(xb[order] * QUANT).astype(np.int64), starts, axis=0)
     return sums, counts
 
 
