@@ -33,18 +33,19 @@ def cluster():
 def inputs(tmp_path_factory):
     from hnal_ray.data.synthetic import make_example
 
-    p = make_example(tmp_path_factory.mktemp("nodeloss"), n_images=400, n_pool=60_000, n_pool_texts=10, dim=32,
+    p = make_example(tmp_path_factory.mktemp("nodeloss"), n_images=2000, n_pool=60_000, n_pool_texts=10, dim=32,
                      file_rows=5_000)
     return ScoreInputs(str(p["paired_images"]), str(p["paired_texts"]), str(p["pool_images"]))
 
 
-def kill_when(cluster, node, ready, timeout=120):
+def kill_when(cluster, node, ready, killed, timeout=120):
     """Remove `node` (its raylet and every worker on it) as soon as `ready()` holds."""
     def run():
         end = time.time() + timeout
         while time.time() < end and not ready():
             time.sleep(0.02)
         cluster.remove_node(node, allow_graceful=False)
+        killed.append(time.time())
     t = threading.Thread(target=run, daemon=True)
     t.start()
     return t
@@ -55,7 +56,6 @@ def test_a_lost_worker_node_gives_the_same_bytes(tmp_path, cluster, inputs, when
     from hnal_ray.cluster.score import RayBackend
 
     c, workers = cluster
-    node = workers[0] if when == "scoring" else workers[1]
     kw = dict(budget=40, shards=2, shard_rows=2_500, stream_rows=1_000, seed=1)
     if when == "kmeans-fit":
         kw |= dict(strategy="cluster", quota="uncovered", within="typical", clusters=60, fit_iters=3)
@@ -72,12 +72,19 @@ def test_a_lost_worker_node_gives_the_same_bytes(tmp_path, cluster, inputs, when
         except (OSError, ValueError, KeyError):
             return False
 
-    killer = kill_when(c, node, ready)
-    got = run_score(inputs, cfg, out, lambda: RayBackend(2, cfg))
+    backend = RayBackend(2, cfg)
+    hosts = {a["node_id"] for a in ray.get([actor.info.remote() for actor in backend.actors])}
+    node = next(w for w in workers if w.node_id in hosts and w in c.worker_nodes)  # a node running an actor
+    killed = []
+    killer = kill_when(c, node, ready, killed)
+    got = run_score(inputs, cfg, out, lambda: backend)
+    finished = time.time()
     killer.join()
-    assert ready() or (out / "summary.json").exists()
-    alive = [n for n in ray.nodes() if n["Alive"]]
-    assert len(alive) == 2, "the node was not removed"
+    assert killed and killed[0] < finished, "the node was removed after the job had finished"
+    end = time.time() + 60
+    while sum(n["Alive"] for n in ray.nodes()) != 2 and time.time() < end:
+        time.sleep(0.5)
+    assert sum(n["Alive"] for n in ray.nodes()) == 2, "the node was not removed"
     for name in ("selection.parquet", "scores.parquet"):
         a = pq.read_table(out / name).to_pandas()
         b = pq.read_table(tmp_path / "undisturbed" / name).to_pandas()
@@ -85,5 +92,6 @@ def test_a_lost_worker_node_gives_the_same_bytes(tmp_path, cluster, inputs, when
     assert got["counts"] == want["counts"]
     if when == "kmeans-fit":
         assert np.array_equal(np.load(out / "centres.npy"), np.load(tmp_path / "undisturbed" / "centres.npy"))
-    c.add_node(num_cpus=1)  # the next case starts from three nodes again
+    workers.remove(node)
+    workers.append(c.add_node(num_cpus=1))  # the next case starts from three nodes again
     c.wait_for_nodes()

@@ -4,10 +4,12 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import time
 
 import numpy as np
 import ray
-from ray.exceptions import RayTaskError
+from ray.exceptions import (ActorDiedError, NodeDiedError, ObjectLostError, RayActorError, RayTaskError,
+                            WorkerCrashedError)
 
 from hnal_ray.config import ScoreConfig, ScoreInputs
 from hnal_ray.io import InputError, row_group_starts
@@ -18,6 +20,7 @@ from hnal_ray.score.worker import Anchors, ScoreTask, ScoreWorker, ShardResult, 
 from hnal_ray.cluster.session import ray_session
 
 log = logging.getLogger(__name__)
+LOST_CALL_ATTEMPTS = 8
 
 
 @ray.remote(max_restarts=3, max_task_retries=3)
@@ -74,8 +77,8 @@ class RayBackend:
         threads = max(1, math.floor(opts["num_cpus"]))
         # an actor given a GPU uses it when CUDA sees one (a fake GPU of a test cluster: the CPU)
         device = "auto" if opts.get("num_gpus") else "cpu"
-        self.actors = [ScoreActor.options(**opts, scheduling_strategy="SPREAD").remote(device, threads)
-                       for _ in range(n_actors)]
+        self._new_actor = lambda: ScoreActor.options(**opts, scheduling_strategy="SPREAD").remote(device, threads)
+        self.actors = [self._new_actor() for _ in range(n_actors)]
         log.info("%d score actors requested (%s each)", n_actors, opts)
         self._refs: dict[int, tuple] = {}
 
@@ -88,15 +91,33 @@ class RayBackend:
         return self._refs[id(x)][0]
 
     def _queue(self, method: str, calls: list[tuple]):
-        """Run `method(*args)` for each args tuple on whichever actor is free; yield results as they finish."""
-        queue, free, pending = list(calls), list(self.actors), {}
+        """Run `method(*args)` for each args tuple on whichever actor is free; yield results as they
+        finish. A call lost with its actor (a node gone, a process killed past Ray's own retries) is
+        queued again, up to LOST_CALL_ATTEMPTS times, on an actor that is alive: an actor Ray gave up
+        on is replaced. Every call writes its outputs atomically, so running one again is safe."""
+        queue = [(args, 0) for args in calls]
+        free, pending = list(range(len(self.actors))), {}
         while queue or pending:
             while queue and free:
-                actor = free.pop(0)
-                pending[getattr(actor, method).remote(*queue.pop(0))] = actor
+                slot = free.pop(0)
+                args, tries = queue.pop(0)
+                pending[getattr(self.actors[slot], method).remote(*args)] = (slot, args, tries)
             done, _ = ray.wait(list(pending), num_returns=1)
-            free.append(pending.pop(done[0]))
-            yield _get(done[0])
+            slot, args, tries = pending.pop(done[0])
+            try:
+                result = _get(done[0])
+            except (RayActorError, NodeDiedError, WorkerCrashedError, ObjectLostError) as exc:
+                if tries + 1 >= LOST_CALL_ATTEMPTS:
+                    raise
+                log.warning("%s on actor %d was lost (%s); running it again", method, slot, type(exc).__name__)
+                if isinstance(exc, ActorDiedError):  # past its restarts: a new actor, placed on a live node
+                    self.actors[slot] = self._new_actor()
+                time.sleep(min(0.5 * 2 ** tries, 10.0))  # a restarting actor needs a moment
+                queue.insert(0, (args, tries + 1))
+                free.append(slot)
+                continue
+            free.append(slot)
+            yield result
 
     def run(self, method, calls):
         """Large arguments (centres, arrays) are put in the object store once, shared by every call."""
@@ -115,7 +136,18 @@ class RayBackend:
                                          for s, task, path in zip(shards, tasks, part_paths)])
 
     def info(self) -> dict:
-        return {"backend": "ray", "workers": _get([a.info.remote() for a in self.actors])}
+        return {"backend": "ray", "workers": [self._info(a) for a in self.actors]}
+
+    @staticmethod
+    def _info(actor) -> dict:
+        """An actor's counters; one that is restarting (its node lost) is waited for a little, then
+        reported as lost rather than failing a finished job."""
+        for attempt in range(LOST_CALL_ATTEMPTS):
+            try:
+                return ray.get(actor.info.remote(), timeout=60)
+            except (RayActorError, NodeDiedError, WorkerCrashedError, ray.exceptions.GetTimeoutError):
+                time.sleep(min(0.5 * 2 ** attempt, 10.0))
+        return {"lost": True, "rows": 0, "shards": 0, "peak_rss_mib": float("nan")}
 
     def close(self) -> None:
         for a in self.actors:
