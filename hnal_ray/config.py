@@ -106,9 +106,11 @@ class ScoreConfig:
             self.within == "hardest" or self.quota == "hardness"))
 
     def result_fields(self) -> dict:
-        """The fields that decide the result (not where or how it is computed)."""
+        """The fields that decide the output bytes: not where it runs, how many actors, how the pool
+        is cut into shards or read (the outputs are the same for any of these: tests/test_ray_score.py,
+        tests/test_streaming.py), nor whether to wait for a lock. Block sizes, device and precision
+        stay: they may move a float32 sum's last bit."""
         d = dataclasses.asdict(self)
-        for f in ("shards", "shard_rows", "stream_rows", "address", "device", "block_pool", "block_anchor", "wait",
-                  "precision", "candidates"):
+        for f in ("shards", "shard_rows", "stream_rows", "address", "wait"):
             d.pop(f)
         return d

@@ -74,12 +74,16 @@ class LocalBackend:
 
 
 def run_key(inputs: ScoreInputs, cfg: ScoreConfig) -> str:
-    """Content fingerprint of the inputs and the config (not where or how patiently it runs)."""
-    blob = json.dumps({"inputs": input_fingerprint(inputs),
-                       "config": dataclasses.asdict(cfg) | {"address": None, "wait": None, "stream_rows": None},
-                       "version": 3},
+    """Content fingerprint of the inputs and of the options that decide the outputs
+    (`ScoreConfig.result_fields`): a finished run is reused whatever the shards or actors."""
+    blob = json.dumps({"inputs": input_fingerprint(inputs), "config": cfg.result_fields(), "version": 4},
                       sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def work_key(key: str, cfg: ScoreConfig) -> str:
+    """An unfinished run's parts are numbered by shard: they are resumed only with the same cut."""
+    return f"{key}-rows{cfg.shard_rows}"
 
 
 def finished_summary(inputs: ScoreInputs, cfg: ScoreConfig, out_dir: str | os.PathLike) -> dict | None:
@@ -118,7 +122,7 @@ def _run_locked(inputs: ScoreInputs, cfg: ScoreConfig, out: Path, make_backend) 
     backend = (make_backend or (lambda: LocalBackend(cfg.device)))()
     try:
         timings["start_s"] = time.perf_counter() - t
-        work = _work_dir(out, key)
+        work = _work_dir(out, work_key(key, cfg))
         manifest = json.loads((work / "manifest.json").read_text())
         thresholds = _thresholds(plan, cfg, backend, work, timings)
         centres = _centres(plan, cfg, backend, work, timings) if cfg.strategy == "cluster" else None
@@ -358,7 +362,7 @@ def _run_coreset(inputs, cfg, plan, out, key, t0, timings) -> dict:
     picked, at_pick, final = coreset_select(emb, centers, cfg.budget, pick_device(cfg.device))
     final[picked] = at_pick
     nan = np.full(len(ids), np.nan, np.float32)
-    work = _work_dir(out, key)
+    work = _work_dir(out, work_key(key, cfg))
     write_parquet(score_table(plan.tables.pool_id, ids, final, nan), work / "parts" / "part-00000.parquet")
     selection = Ranked(ids[picked], at_pick, nan[: len(picked)])
     timings["score_s"] = time.perf_counter() - t
