@@ -143,8 +143,16 @@ def cmd_data_check(a: argparse.Namespace) -> int:
 
 def cmd_annotations_export(a: argparse.Namespace) -> int:
     from hnal_ray.io import read_ids
-    from hnal_ray.loop.manual import write_to_annotate
+    from hnal_ray.loop.manual import export_run_captions, write_to_annotate
 
+    if a.run:  # the captions people wrote in a run, folded into a new data folder
+        if a.selection or a.data:
+            raise InputError("hnal annotations export: --run DIR --out DIR, or SELECTION --data DIR --out DIR")
+        print(json.dumps(export_run_captions(a.run, a.out)))
+        return 0
+    if not (a.selection and a.data):
+        raise InputError("hnal annotations export needs SELECTION --data DIR (a selection for annotators), "
+                         "or --run DIR (a run's captions as a new data folder)")
     ids = [i for _, part in read_ids(a.selection, "image_id") for i in part.tolist()]
     out = write_to_annotate(a.data, ids, a.out, f"{len(ids)} images selected in {a.selection}")
     print(json.dumps({"out": str(out), "images": len(ids)}))
@@ -277,9 +285,11 @@ def build_parser() -> argparse.ArgumentParser:
     ck.set_defaults(func=cmd_data_check)
     an = sub.add_parser("annotations", help="captions from people: export a selection, import their captions")
     ans = an.add_subparsers(dest="action", required=True)
-    ex_ = ans.add_parser("export", help="a selection as files for annotators (CSV, HTML, Label Studio)")
-    ex_.add_argument("selection", help="selection.parquet of hnal score")
-    ex_.add_argument("--data", required=True, help="the data folder the pool images come from")
+    ex_ = ans.add_parser("export", help="a selection as files for annotators (CSV, HTML, Label Studio); or, with "
+                                        "--run, a run's captions folded into a new data folder")
+    ex_.add_argument("selection", nargs="?", default=None, help="selection.parquet of hnal score")
+    ex_.add_argument("--data", default=None, help="the data folder the pool images come from")
+    ex_.add_argument("--run", default=None, help="a loop run: its data plus every caption people wrote in it")
     ex_.add_argument("--out", required=True)
     ex_.set_defaults(func=cmd_annotations_export)
     ai = ans.add_parser("import", help="captions (Label Studio JSON export, CSV or JSONL) into a run or a table")

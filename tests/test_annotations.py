@@ -219,3 +219,19 @@ train: {{epochs: 2, batch_size: 16, warmup_epochs: 1, model: {{hidden: 32, embed
     metrics = pq.read_table(run / "metrics.parquet").to_pylist()
     assert [(m["strategy"], m["round"]) for m in metrics] == [(s, r) for s in ("random", "hard") for r in range(3)]
     assert not (run / "pending_annotation.json").exists()
+
+    # issue 21 (9): the captions people wrote leave the run as a new, valid data folder
+    capsys.readouterr()
+    assert main(["annotations", "export", "--run", str(run), "--out", str(tmp_path / "data2")]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    written = {(i, t) for s in ("random", "hard") for d in (r1[s], r2[s])
+               for i, t in zip(*(pq.read_table(d / "annotations.parquet")[c].to_pylist() for c in ("image_id", "text")))}
+    caps = pq.read_table(tmp_path / "data2" / "captions.parquet")
+    added = [r for r in caps.to_pylist() if r["strategy"] is not None]
+    assert {(r["image_id"], r["text"]) for r in added} == written and summary["captions_added"] == len(written)
+    assert {(r["strategy"], r["round"]) for r in added} == {(s, r) for s in ("random", "hard") for r in (1, 2)}
+    assert all(r["imported_at"] and r["source"] for r in added)
+    base = pq.read_table(data / "captions.parquet")
+    assert caps.num_rows == base.num_rows + len(written)
+    assert main(["data", "check", str(tmp_path / "data2")]) == 0
+    assert main(["annotations", "export", "--run", str(run), "--out", str(tmp_path / "data2")]) == 2  # not empty

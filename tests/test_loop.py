@@ -155,3 +155,22 @@ def test_an_empty_state_file_redoes_that_round(smoke, tmp_path):
     assert again.returncode == 0, again.stderr[-3000:]
     assert "5 rounds (4 already done)" in again.stderr and "empty or damaged" in again.stderr
     assert pq.read_table(out / "metrics.parquet").equals(pq.read_table(root / "out" / "metrics.parquet"))
+
+
+def test_a_finished_run_is_extended_by_more_rounds(smoke, tmp_path):
+    """Issue 21 (10): the same command with more rounds keeps the finished rounds and adds the new
+    ones; fewer rounds or another change is still refused."""
+    import shutil
+
+    root, sets, _ = smoke
+    out = tmp_path / "out"
+    shutil.copytree(root / "out", out)
+    before = {f: f.stat().st_mtime_ns for f in out.glob("*/seed-*/round-*/state.json")}
+    more = loop(out, sets + ["--set", "rounds=3"])
+    assert more.returncode == 0, more.stderr[-3000:]
+    assert "extending the run from 2 to 3 rounds" in more.stderr and "7 rounds (5 already done)" in more.stderr
+    assert all(f.stat().st_mtime_ns == t for f, t in before.items())
+    rounds = pq.read_table(out / "metrics.parquet")["round"].to_pylist()
+    assert max(rounds) == 3
+    fewer = loop(out, sets + ["--set", "rounds=1"])
+    assert fewer.returncode == 2 and "only `rounds` may grow" in fewer.stderr

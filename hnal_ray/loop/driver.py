@@ -21,7 +21,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from hnal_ray.config import ConfigError
-from hnal_ray.io import write_json
+from hnal_ray.io import read_json, write_json
 from hnal_ray.loop.config import LoopConfig
 from hnal_ray.loop.report import STAGES, write_report
 from hnal_ray.loop.rounds import read_state, run_round
@@ -214,8 +214,15 @@ def _check_data_unchanged(cfg: LoopConfig, out: Path) -> None:
 def _run_loop_locked(cfg: LoopConfig, out: Path) -> Path:
     saved = out / "config.json"
     current = json.loads(json.dumps(cfg.result_fields()))
-    if saved.exists() and json.loads(saved.read_text()) != current:
-        raise ConfigError(f"{out}: holds a run with a different config ({saved}); use another --out")
+    before = read_json(saved) if saved.exists() else None
+    if before is not None and before != current:
+        extended = ({**before, "rounds": None} == {**current, "rounds": None}
+                    and isinstance(before.get("rounds"), int) and current["rounds"] > before["rounds"])
+        if not extended:
+            raise ConfigError(f"{out}: holds a run with a different config ({saved}); use another --out "
+                              f"(only `rounds` may grow, to extend a run)")
+        log.info("%s: extending the run from %d to %d rounds; its finished rounds are kept", out, before["rounds"],
+                 current["rounds"])
     write_json(current, saved)
     t = time.perf_counter()
     prepare(cfg)

@@ -16,7 +16,9 @@ import io
 import json
 import logging
 import sys
+import os
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +27,7 @@ import pyarrow.parquet as pq
 
 from hnal_ray.data.contract import image_column
 from hnal_ray.data.images import ImageError, thumbnail_png
-from hnal_ray.io import InputError, write_json, write_parquet
+from hnal_ray.io import InputError, read_json, write_json, write_parquet
 
 log = logging.getLogger(__name__)
 LABEL_STUDIO_CONFIG = """<View>
@@ -343,3 +345,67 @@ def import_standalone(file: str | Path, selection: str | Path, data_dir: str | P
     return {"file": str(Path(file).resolve()), "out": str(out), "captions": table.num_rows,
             "images": int(len(np.unique(table["image_id"].to_numpy()))), "uncaptioned": missing.tolist(),
             "partial": bool(len(missing))}
+
+
+# ------------------------------------------------------------------------------------ captions out of a run
+
+def export_run_captions(run: str | Path, out: str | Path) -> dict:
+    """A new data folder at `out`: the run's data folder plus every caption people wrote in the run's
+    rounds (`annotations.parquet`), with the round, strategy, seed, the file they came from and when
+    they were imported as extra columns of captions.parquet (original captions: null there). A
+    caption written for the same image in several trajectories is kept once. Valid under `hnal data
+    check`; written to a temporary folder and renamed when complete."""
+    import shutil
+
+    from hnal_ray.data.contract import check_data_dir
+
+    run, out = Path(run), Path(out)
+    config = read_json(run / "config.json") if (run / "config.json").exists() else None
+    if config is None:
+        raise InputError(f"{run}: not a loop run folder (no config.json)")
+    if out.exists() and any(out.iterdir()):
+        raise InputError(f"{out}: exists and is not empty; choose a new folder")
+    data = Path(config["data"])
+    base = pq.read_table(data / "captions.parquet")
+    rows = {"text_id": [], "image_id": [], "text": [], "strategy": [], "seed": [], "round": [], "source": [],
+            "imported_at": []}
+    seen = {(i, t.casefold()) for i, t in zip(base["image_id"].to_pylist(), base["text"].to_pylist())}
+    for f in sorted(run.glob("*/seed-*/round-*/annotations.parquet")):
+        strategy, seed, rnd = f.parent.parent.parent.name, int(f.parent.parent.name[5:]), int(f.parent.name[6:])
+        info = read_json(f.parent / "annotations.json") or {}
+        when = datetime.fromtimestamp((f.parent / "annotations.json").stat().st_mtime if
+                                      (f.parent / "annotations.json").exists() else f.stat().st_mtime, timezone.utc)
+        t = pq.read_table(f)
+        for text_id, image_id, text in zip(*(t[c].to_pylist() for c in ("text_id", "image_id", "text"))):
+            if (image_id, text.casefold()) in seen:
+                continue
+            seen.add((image_id, text.casefold()))
+            for k, v in (("text_id", text_id), ("image_id", image_id), ("text", text), ("strategy", strategy),
+                         ("seed", seed), ("round", rnd), ("source", info.get("file")),
+                         ("imported_at", when.isoformat(timespec="seconds"))):
+                rows[k].append(v)
+    extra = [("strategy", pa.string()), ("seed", pa.int64()), ("round", pa.int64()), ("source", pa.string()),
+             ("imported_at", pa.string())]
+    old = base.select(["text_id", "image_id", "text"])
+    old = old.append_column("strategy", pa.nulls(len(old), pa.string())).append_column(
+        "seed", pa.nulls(len(old), pa.int64())).append_column("round", pa.nulls(len(old), pa.int64())).append_column(
+        "source", pa.nulls(len(old), pa.string())).append_column("imported_at", pa.nulls(len(old), pa.string()))
+    new = pa.table(rows, schema=pa.schema([("text_id", pa.int64()), ("image_id", pa.int64()), ("text", pa.string()),
+                                           *extra]))
+    tmp = out.with_name(f".{out.name}.exporting")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        for name in ("images.parquet", "split.parquet"):
+            shutil.copy2(data / name, tmp / name)
+        write_parquet(pa.concat_tables([old, new]), tmp / "captions.parquet")
+        summary = {"exported_from": str(run.resolve()), "data": str(data.resolve()), "captions_added": new.num_rows,
+                   "images_captioned": len(set(rows["image_id"])), "check": check_data_dir(tmp)}
+        write_json(summary, tmp / "summary.json")
+        if out.exists():
+            out.rmdir()
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return summary
