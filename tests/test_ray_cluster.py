@@ -51,7 +51,7 @@ def test_two_nodes_spread_actors_and_match_single_process(tmp_path):
         ray.init(address=cluster.address)
         cluster.wait_for_nodes()
         assert len([n for n in ray.nodes() if n["Alive"]]) == 2
-        assert main(["score", *score_args(paths, tmp_path / "two", "--shards", 2)]) == 0
+        assert main(["score", *score_args(paths, tmp_path / "two", "--shards", 2, "--shard-rows", 25)]) == 0
     finally:
         ray.shutdown()
         cluster.shutdown()

@@ -64,7 +64,9 @@ def actor_resources(cfg: ScoreConfig, n_shards: int) -> dict:
     gpus, cpus = res.get("GPU", 0), res.get("CPU", 1)
     if cfg.device == "cuda" or (cfg.device == "auto" and gpus >= 1):
         return {"num_gpus": 1 if gpus >= n_shards or gpus == 0 else gpus / n_shards, "num_cpus": 1}
-    return {"num_cpus": min(max(1.0, cpus // n_shards), cpus / n_shards)}
+    # never more than one node has: an actor asking for the whole cluster's CPUs would wait forever
+    node_cpus = max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")), default=cpus) or cpus
+    return {"num_cpus": min(max(1.0, cpus // n_shards), cpus / n_shards, node_cpus)}
 
 
 class RayBackend:
