@@ -372,8 +372,14 @@ def _jsonable(x):
     raise TypeError(f"not JSON serialisable: {type(x)}")
 
 
+LIST_OFFSET_MAX = 2**31 - 1
+
+
 def embedding_array(emb: np.ndarray) -> pa.Array:
     """(n, d) float32 -> list<float32> Arrow column, the input contract's `embedding`."""
     emb = np.ascontiguousarray(emb, dtype=np.float32)
     n, d = emb.shape
+    if n * d >= LIST_OFFSET_MAX:  # int32 offsets would wrap (8.4M rows at d 256): 64-bit offsets
+        return pa.LargeListArray.from_arrays(pa.array(np.arange(0, n * d + 1, d, dtype=np.int64)),
+                                             pa.array(emb.reshape(-1)))
     return pa.ListArray.from_arrays(pa.array(np.arange(0, n * d + 1, d, dtype=np.int32)), pa.array(emb.reshape(-1)))

@@ -220,6 +220,15 @@ train: {{epochs: 2, batch_size: 16, warmup_epochs: 1, model: {{hidden: 32, embed
     assert [(m["strategy"], m["round"]) for m in metrics] == [(s, r) for s in ("random", "hard") for r in range(3)]
     assert not (run / "pending_annotation.json").exists()
 
+    # issue 21 (11): the report of a run with people in it
+    report = (run / "report.md").read_text()
+    assert "## Metrics per round (one seed)" in report and " ± " not in report.split("## Metrics per round")[1]
+    assert "## Captions people wrote" in report and "random/seed-0/round-1" in report and "random.csv" in report
+    assert "Final models (last round): " in report and "round-2/checkpoint" in report
+    n_test = pq.read_table(data / "split.parquet")["split"].to_pylist().count("test")
+    assert f"the test split holds {n_test} images" in report
+    assert "groups_hit" not in report  # this data has no groups
+
     # issue 21 (9): the captions people wrote leave the run as a new, valid data folder
     capsys.readouterr()
     assert main(["annotations", "export", "--run", str(run), "--out", str(tmp_path / "data2")]) == 0

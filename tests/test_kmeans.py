@@ -220,3 +220,18 @@ def test_uncovered_reference_agrees_with_visit_plan():
                               paired_cluster=paired_cluster, min_size=6)
     plan = visit_plan(np.bincount(cluster, minlength=7), np.bincount(paired_cluster, minlength=7), 6, 20)
     assert np.bincount(cluster[want], minlength=7).tolist() == plan.tolist()
+
+
+def test_clusters_do_not_depend_on_precision_or_block_sizes(tmp_path):
+    """The same centres and cluster ids with --precision bf16 and other block sizes (the assignment is
+    exact whatever the scoring GEMM does)."""
+    paths, _ = write_inputs(tmp_path / "in", np.random.default_rng(5), n_pool=80, d=12)
+    inputs = ScoreInputs(str(paths["paired_images"]), str(paths["paired_texts"]), str(paths["pool"]))
+    runs = {}
+    for name, kw in {"fp32": {}, "bf16": dict(precision="bf16", block_pool=7, block_anchor=5)}.items():
+        cfg = ScoreConfig(budget=9, strategy="cluster", quota="equal", within="hardest", clusters=6, seed=3,
+                          stream_rows=5, **kw)
+        run_score(inputs, cfg, tmp_path / name, lambda: LocalBackend("cpu"))
+        runs[name] = pq.read_table(tmp_path / name / "scores.parquet").sort_by("image_id")
+    assert runs["fp32"]["cluster"].equals(runs["bf16"]["cluster"])
+    assert np.array_equal(np.load(tmp_path / "fp32" / "centres.npy"), np.load(tmp_path / "bf16" / "centres.npy"))

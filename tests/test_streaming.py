@@ -89,3 +89,20 @@ def test_any_shard_and_block_size_gives_the_dense_answer(tmp_path, side):
         got = dict(zip(res.scores[id_col].to_pylist(), res.scores["score"].to_pylist()))
         assert got == pytest.approx({int(k): v for k, v in want_scores.items()}, rel=1e-6)
         assert len(res.summary["shards"]) == len(cut_rows(row_group_starts(paths["pool"]), shard_rows))
+
+
+def test_embedding_offsets_switch_to_64_bit_before_they_wrap(tmp_path, monkeypatch):
+    """Issue 22 (7): past 2^31 values the embedding column gets 64-bit list offsets (here the limit is
+    lowered to 10 values), and the readers take it as any other table."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    import hnal_ray.io as hio
+
+    monkeypatch.setattr(hio, "LIST_OFFSET_MAX", 10)
+    emb = np.random.default_rng(0).standard_normal((6, 4)).astype(np.float32)
+    col = hio.embedding_array(emb)
+    assert pa.types.is_large_list(col.type)
+    pq.write_table(pa.table({"image_id": np.arange(6, dtype=np.int64), "embedding": col}), tmp_path / "t.parquet")
+    got = hio.read_embeddings(tmp_path / "t.parquet", "image_id")
+    assert np.allclose(got.emb, emb / np.linalg.norm(emb, axis=1, keepdims=True))

@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import html
 import json
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -201,10 +202,17 @@ def write_report(cfg: LoopConfig, out: Path, rows: list[dict], timings: list[dic
     write_parquet(pa.Table.from_pylist(timings), out / "timings.parquet")
     summary = summarize(rows)
     plot_curves(summary, out / "curves.png")
+    one_seed = len(cfg.seeds) == 1
+
+    def spread(mean: float, std: float) -> str:  # one seed has no spread to show
+        return f"{mean:.1f}" if one_seed else f"{mean:.1f} ± {std:.1f}"
+
     table = ["| strategy | round | annotated | R@1-sum | rsum |", "|---|---|---|---|---|"]
-    table += [f"| {r['strategy']} | {r['round']} | {r['annotated']:.0f} | {r['r1_sum']:.1f} ± {r['r1_sum_std']:.1f}"
-              f" | {r['rsum']:.1f} ± {r['rsum_std']:.1f} |" for r in sorted(summary, key=lambda r: (r["round"],
-                                                                                                  r["strategy"]))]
+    table += [f"| {r['strategy']} | {r['round']} | {r['annotated']:.0f} | {spread(r['r1_sum'], r['r1_sum_std'])}"
+              f" | {spread(r['rsum'], r['rsum_std'])} |" for r in sorted(summary, key=lambda r: (r["round"],
+                                                                                                 r["strategy"]))]
+    metrics_title = "Metrics per round" + (" (one seed)" if one_seed else " (mean ± std over seeds)")
+    notes = _run_notes(cfg, out, list(states))
     why = _why_selected(cfg, out)
     diffs = paired_differences(rows) if any(r["strategy"] == "random" for r in rows) else []
     dtable = ["| strategy | round | seeds | R@1-sum minus random | paired 95% CI |", "|---|---|---|---|---|"]
@@ -222,7 +230,8 @@ def write_report(cfg: LoopConfig, out: Path, rows: list[dict], timings: list[dic
     diag = diagnostics_summary(list(states))
     dkeys = [k for k in ("redundancy", "redundancy_random", "anchors_beaten_per_item", "anchors_covered",
                          "clusters_hit", "clusters_hit_random", "cluster_max_share", "near_duplicates", "groups_hit",
-                         "groups_hit_random") if diag and all(k in d for d in diag)]
+                         "groups_hit_random") if diag and all(k in d for d in diag)
+             and not (k.startswith("groups_hit") and all(d[k] <= 1 for d in diag))]  # data without groups
     gtable = ["| strategy | " + " | ".join(dkeys) + " |", "|---" * (len(dkeys) + 1) + "|"]
     gtable += ["| " + " | ".join([d["strategy"]] + [f"{d[k]:.3g}" for k in dkeys]) + " |" for d in diag]
     extra_md = (["## Difference to random (paired by seed)", "", *dtable, ""] if diffs else []) + (
@@ -256,24 +265,58 @@ def write_report(cfg: LoopConfig, out: Path, rows: list[dict], timings: list[dic
                        + "".join(f"<td>{t[k]:.1f}</td>" for k in TIME_COLUMNS) + "</tr>" for t in times) + "</table>")
     md = ["# Active-learning report", "", f"Budget {cfg.budget} per round, {cfg.rounds} rounds, seed set "
           f"{cfg.seed_size} images, seeds {list(cfg.seeds)}; metrics on the test split.", "",
-          "![learning curves](curves.png)", "", "## Metrics per round (mean ± std over seeds)", "", *table, "",
+          *notes["md"], "![learning curves](curves.png)", "", f"## {metrics_title}", "", *table, "",
           *extra_md, "## Wall time per round (seconds, mean)", "", *ttable, ""]
     md += ["## Why selected", "", why["md"]] if why else []
     (out / "report.md").write_text("\n".join(md) + "\n")
     rows_html = "".join(f"<tr><td>{html.escape(r['strategy'])}</td><td>{r['round']}</td><td>{r['annotated']:.0f}</td>"
-                        f"<td>{r['r1_sum']:.1f} ± {r['r1_sum_std']:.1f}</td><td>{r['rsum']:.1f} ± "
-                        f"{r['rsum_std']:.1f}</td></tr>" for r in sorted(summary, key=lambda r: (r["round"],
-                                                                                                 r["strategy"])))
+                        f"<td>{spread(r['r1_sum'], r['r1_sum_std'])}</td><td>{spread(r['rsum'], r['rsum_std'])}"
+                        f"</td></tr>" for r in sorted(summary, key=lambda r: (r["round"], r["strategy"])))
     page = (f"<!doctype html><html><head><meta charset='utf-8'><title>hnal_ray report</title><style>"
             f"body{{font-family:sans-serif;max-width:1100px;margin:auto}}td,th{{padding:2px 8px;border-bottom:1px"
             f" solid #ddd}}.item{{display:flex;gap:12px;margin:10px 0}}</style></head><body>"
             f"<h1>Active-learning report</h1><p>Budget {cfg.budget} per round, {cfg.rounds} rounds, seed set "
             f"{cfg.seed_size} images, seeds {list(cfg.seeds)}; metrics on the test split.</p>"
-            f"<img src='curves.png' width='100%'><h2>Metrics per round (mean ± std over seeds)</h2><table>"
+            f"{notes['html']}<img src='curves.png' width='100%'><h2>{metrics_title}</h2><table>"
             f"<tr><th>strategy</th><th>round</th><th>annotated</th><th>R@1-sum</th><th>rsum</th></tr>{rows_html}"
             f"</table>{extra_html}{thtml}{why['html'] if why else ''}</body></html>")
     (out / "report.html").write_text(page)
     return out / "report.html"
+
+
+def _run_notes(cfg: LoopConfig, out: Path, states: list[dict]) -> dict:
+    """What a reader must know before the tables: how finely the test split can resolve a
+    difference, the captions people wrote (round, file, count, when), and where the final models are."""
+    md, parts = [], []
+    split = Path(cfg.data) / "split.parquet"
+    if split.exists():
+        n_test = sum(1 for s in pq.read_table(split, columns=["split"])["split"].to_pylist() if s == "test")
+        if 0 < n_test < 300:
+            line = (f"**Resolution:** the test split holds {n_test} images: one image retrieved or not moves an "
+                    f"R@1 by {100 / n_test:.1f} points (R@1-sum: two of them), so differences of a few points "
+                    f"are within what this split can tell apart.")
+            md += [line, ""]
+            parts.append(f"<p>{html.escape(line.replace('**', ''))}</p>")
+    imported = sorted(out.glob("*/seed-*/round-*/annotations.json"))
+    if imported:
+        rows = ["| round | captions | images | file | imported (UTC) |", "|---|---|---|---|---|"]
+        for f in imported:
+            info = json.loads(f.read_text())
+            when = datetime.fromtimestamp(f.stat().st_mtime, timezone.utc).isoformat(timespec="seconds")
+            rows.append(f"| {f.parent.relative_to(out)} | {info.get('captions')} | {info.get('images')} | "
+                        f"{info.get('file')} | {when} |")
+        md += ["## Captions people wrote", "", *rows, ""]
+        parts.append("<h2>Captions people wrote</h2><table>" + "".join(
+            "<tr>" + "".join(f"<td>{html.escape(c.strip())}</td>" for c in r.strip("|").split("|")) + "</tr>"
+            for r in rows if not r.startswith("|---")) + "</table>")
+    last = [s for s in states if s.get("round") == cfg.rounds and s.get("checkpoint")]
+    if last:
+        line = ("Final models (last round): " + ", ".join(f"{s.get('strategy')} seed {s.get('seed')}: {s['checkpoint']}"
+                                                          for s in last) if len(last) <= 4 else
+                f"Final models (last round): STRATEGY/seed-S/round-{cfg.rounds}/checkpoint in {out}")
+        md += [line, ""]
+        parts.append(f"<p>{html.escape(line)}</p>")
+    return {"md": md, "html": "".join(parts)}
 
 
 def _why_selected(cfg: LoopConfig, out: Path) -> dict | None:
