@@ -366,6 +366,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)
+    if not args.verbose:  # quiet by default: Ray's own chatter goes to its session logs; -v shows it
+        for name in ("ray", "ray.data", "ray.train"):
+            logging.getLogger(name).setLevel(logging.ERROR)
     try:
         return args.func(args)
     except (InputError, ConfigError) as exc:

@@ -70,6 +70,11 @@ def test_smoke_run_writes_the_report(smoke):
     times = pq.read_table(out / "timings.parquet").to_pylist()
     assert len(times) == 6 and all(t["train_s"] > 0 and t["round_s"] >= t["train_s"] for t in times)
     assert "[5/5 rounds]" in run.stderr and "up to 3 at once" in run.stderr
+    # issue 21 (13): quiet by default: no Ray Data progress lines, no token warning, no C++ log lines
+    noise = [ln for ln in run.stderr.splitlines() if "logging_progress" in ln or "core_worker.cc" in ln
+             or "Token authentication" in ln or "MapBatches" in ln]
+    assert not noise, noise[:5]
+    assert len(run.stderr.splitlines()) < 60, run.stderr[-3000:]
 
 
 def test_concurrency_does_not_change_the_numbers(smoke):

@@ -112,7 +112,10 @@ def _run(ds: ray.data.Dataset, udf, out: Path, actors: int, gpu: bool, batch_siz
     ds = ds.repartition(max(1, min(actors * 4, -(-rows // batch_size))))
     ds = ds.map_batches(udf, fn_constructor_kwargs={"device": "cuda" if gpu else "cpu", "threads": threads, **kwargs},
                         batch_format="pyarrow", batch_size=batch_size, num_gpus=1 if gpu else 0,
-                        num_cpus=0 if gpu else 1, compute=ray.data.ActorPoolStrategy(size=actors))
+                        num_cpus=0 if gpu else 1, compute=ray.data.ActorPoolStrategy(size=actors),
+                        # no actor restarts: an encoder that dies fails the (cached, re-runnable) job instead
+                        # of a restart Ray warns on stderr it may not manage (ray-project/ray#53727)
+                        max_restarts=0)
     ds.write_parquet(str(tmp))
     if check is not None:
         try:

@@ -24,11 +24,18 @@ def ray_session(address: str | None = None, num_cpus: int | None = None):
     address = address or os.environ.get("RAY_ADDRESS")
     main = threading.current_thread() is threading.main_thread()
     on_term = signal.getsignal(signal.SIGTERM) if main else None
+    quiet = not log.isEnabledFor(logging.DEBUG)  # `hnal -v` shows Ray's own logs and every worker's
+    level = logging.ERROR if quiet else logging.INFO
     if address:
-        ray.init(address=address, logging_level=logging.WARNING)
+        ray.init(address=address, logging_level=level, log_to_driver=not quiet)
+        if quiet:
+            _quiet_ray_data()
         log.info("connected to Ray at %s: %s", address, ray.cluster_resources())
     else:
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING)
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, logging_level=level,
+                 log_to_driver=not quiet)
+        if quiet:
+            _quiet_ray_data()
         log.info("started an embedded Ray: %s", ray.cluster_resources())
     if main and on_term is not None:  # ray.init installs its own SIGTERM handler: the caller's stays in charge
         signal.signal(signal.SIGTERM, on_term)
@@ -36,3 +43,14 @@ def ray_session(address: str | None = None, num_cpus: int | None = None):
         yield
     finally:
         ray.shutdown()
+
+
+def _quiet_ray_data() -> None:
+    """No per-operator progress lines from Ray Data (the project prints one line per stage)."""
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    for flag in ("enable_progress_bars", "enable_operator_progress_bars"):
+        if hasattr(ctx, flag):
+            setattr(ctx, flag, False)
+    logging.getLogger("ray.data").setLevel(logging.ERROR)

@@ -107,7 +107,7 @@ def run_rounds(cfg: LoopConfig, out: Path) -> dict[tuple, dict]:
             cpus = 0.0  # the round only drives the fit; its DDP workers hold the CPUs
         pool = TaskPool(fits if cfg.concurrency == "auto" else cfg.concurrency, cpus, gpus)
     total = len(cfg.seeds) * (1 + len(cfg.strategies) * cfg.rounds)
-    done = sum(1 for f in out.glob("*/seed-*/round-*/state.json"))
+    done = sum(1 for f in out.glob("*/seed-*/round-*/state.json") if read_json(f) is not None)  # damaged: redone
     progress, states = Progress(total, min(done, total)), {}
     log.info("%d rounds (%d already done), up to %s at once", total, min(done, total),
              pool.max_in_flight or "1 (in the driver)")
