@@ -118,15 +118,21 @@ def test_export_files(tmp_path):
     data = tmp_path / "data"
     import_data(make_imagefolder(tmp_path / "src", 20), data)
     out = write_to_annotate(data, np.array([4, 1]), tmp_path / "to_annotate", "a title")
-    assert sorted(p.name for p in out.iterdir()) == ["README.txt", "index.html", "label_studio_config.xml",
+    assert sorted(p.name for p in out.iterdir()) == ["README.txt", "images", "index.html", "label_studio_config.xml",
                                                      "label_studio_tasks.json", "selected.csv", "selected.jsonl"]
     rows = list(csv.DictReader((out / "selected.csv").open()))
     assert [r["image_id"] for r in rows] == ["1", "4"] and rows[0]["path"].endswith("img_0001.png")
+    # issue 21 (12): Label Studio tasks point at full-resolution files (local-files storage), not data URIs
     tasks = json.loads((out / "label_studio_tasks.json").read_text())
     assert [t["data"]["image_id"] for t in tasks] == [1, 4]
-    assert all(t["data"]["image"].startswith("data:image/png;base64,iVBOR") for t in tasks)
+    assert [t["data"]["image"] for t in tasks] == ["/data/local-files/?d=images/1.png", "/data/local-files/?d=images/4.png"]
+    originals = dict(zip(*(pq.read_table(data / "images.parquet")[c].to_pylist() for c in ("image_id", "image"))))
+    assert (out / "images" / "1.png").read_bytes() == originals[1] and (out / "images" / "4.png").read_bytes() == originals[4]
     assert 'value="$image"' in (out / "label_studio_config.xml").read_text()
-    assert (out / "index.html").read_text().count("<img ") == 2
+    page = (out / "index.html").read_text()
+    assert page.count("<img ") == 2 and "href='images/1.png'" in page and "href='images/4.png'" in page
+    assert page.count("<textarea data-image-id=") == 2 and "captions.csv" in page
+    assert "LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT" in (out / "README.txt").read_text()
 
 
 # ----------------------------------------------------------------------------- the loop round trip

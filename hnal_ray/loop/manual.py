@@ -49,8 +49,11 @@ class Caption:
 # ------------------------------------------------------------------------------------ export
 
 def write_to_annotate(data_dir: str | Path, image_ids: np.ndarray, out: str | Path, title: str) -> Path:
-    """out/: selected.csv and selected.jsonl (fill in `caption`), index.html (thumbnails),
-    label_studio_tasks.json + label_studio_config.xml, README.txt. Written whole or not at all."""
+    """out/: images/ (each selected image at full resolution, its original bytes), selected.csv and
+    selected.jsonl (fill in `caption`), index.html (a contact sheet: each thumbnail opens the image
+    full size, a caption box beside it, and a button that saves captions.csv), label_studio_tasks.json
+    (tasks pointing at images/ through Label Studio's local-files storage, not embedding them) +
+    label_studio_config.xml, README.txt. Written whole or not at all."""
     data_dir, out = Path(data_dir), Path(out)
     ids = np.sort(np.asarray(image_ids, np.int64))
     schema = pq.read_schema(data_dir / "images.parquet")
@@ -61,7 +64,7 @@ def write_to_annotate(data_dir: str | Path, image_ids: np.ndarray, out: str | Pa
     t = pq.read_table(data_dir / "images.parquet", columns=cols, filters=[("image_id", "in", ids.tolist())])
     rows = {r["image_id"]: r for r in t.to_pylist()}
     tmp = out.with_name(f".{out.name}.tmp")
-    tmp.mkdir(parents=True, exist_ok=True)
+    (tmp / "images").mkdir(parents=True, exist_ok=True)
     tasks, cards = [], []
     with (tmp / "selected.csv").open("w", newline="") as fcsv, (tmp / "selected.jsonl").open("w") as fjson:
         w = csv.writer(fcsv)
@@ -70,26 +73,34 @@ def write_to_annotate(data_dir: str | Path, image_ids: np.ndarray, out: str | Pa
             path = rows[i].get("path") or ""
             w.writerow([i, path, ""])
             fjson.write(json.dumps({"image_id": i, "path": path, "caption": ""}) + "\n")
+            name = f"images/{i}{_image_suffix(rows[i][col])}"
+            (tmp / name).write_bytes(rows[i][col])
             try:
-                thumb = base64.b64encode(thumbnail_png(rows[i][col], 384)).decode()
+                thumb = base64.b64encode(thumbnail_png(rows[i][col], 200)).decode()
             except ImageError:
                 thumb = ""
-            tasks.append({"data": {"image": f"data:image/png;base64,{thumb}", "image_id": i, "path": path}})
-            cards.append(f"<figure><img src='data:image/png;base64,{thumb}' loading='lazy'>"
-                         f"<figcaption><b>{i}</b> {html.escape(Path(path).name)}</figcaption></figure>")
+            tasks.append({"data": {"image": f"/data/local-files/?d={name}", "image_id": i, "path": path}})
+            cards.append(f"<figure><a href='{name}' target='_blank'><img src='data:image/png;base64,{thumb}' "
+                         f"loading='lazy' alt='image {i}'></a><figcaption><b>{i}</b> {html.escape(Path(path).name)}"
+                         f"</figcaption><textarea data-image-id='{i}' rows='3' placeholder='one caption per line'>"
+                         f"</textarea></figure>")
     (tmp / "label_studio_tasks.json").write_text(json.dumps(tasks))
     (tmp / "label_studio_config.xml").write_text(LABEL_STUDIO_CONFIG)
     (tmp / "index.html").write_text(
         f"<!doctype html><meta charset='utf-8'><title>{html.escape(title)}</title><style>body{{font-family:sans-serif}}"
-        "figure{display:inline-block;margin:6px;width:200px;vertical-align:top}img{max-width:200px;max-height:200px}"
-        f"</style><h1>{html.escape(title)}</h1><p>{len(ids)} images to caption. Write captions in selected.csv "
-        "(one row per caption; copy a row for a second caption), or import label_studio_tasks.json into Label "
-        "Studio with label_studio_config.xml and export JSON.</p>" + "".join(cards))
+        "figure{display:inline-block;margin:6px;width:220px;vertical-align:top}img{max-width:200px;max-height:200px}"
+        "textarea{width:210px}</style>"
+        f"<h1>{html.escape(title)}</h1><p>{len(ids)} images to caption. Click an image to open it full size; type its "
+        "captions (one per line) in the box beside it; then <button id='save'>save captions.csv</button> and import "
+        "that file. (Or fill selected.csv, or use Label Studio: see README.txt.)</p>" + "".join(cards) + _SAVE_JS)
     (tmp / "README.txt").write_text(
-        f"{title}\n\n{len(ids)} images to caption (ids in selected.csv; thumbnails in index.html).\n"
-        "Either fill the caption column of selected.csv (or selected.jsonl): one caption per row, copy a row\n"
-        "for more captions of the same image; or create a Label Studio project with label_studio_config.xml,\n"
-        "import label_studio_tasks.json, annotate, and export as JSON. Then:\n"
+        f"{title}\n\n{len(ids)} images to caption (ids in selected.csv; full-size files in images/).\n"
+        "Either open index.html, type captions beside the images and save captions.csv; or fill the caption\n"
+        "column of selected.csv (or selected.jsonl): one caption per row, copy a row for more captions of the\n"
+        "same image; or, in Label Studio, serve this folder as local files (start Label Studio with\n"
+        "LABEL_STUDIO_LOCAL_FILES_SERVING_ENABLED=true and LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT set to this\n"
+        "folder), create a project with label_studio_config.xml, import label_studio_tasks.json (its images\n"
+        "are /data/local-files/?d=images/ID.EXT), annotate, and export JSON, JSON_MIN or CSV. Then:\n"
         "  hnal annotations import FILE --run RUN_DIR\n")
     if out.exists():
         import shutil
@@ -97,6 +108,33 @@ def write_to_annotate(data_dir: str | Path, image_ids: np.ndarray, out: str | Pa
         shutil.rmtree(out)
     tmp.rename(out)
     return out
+
+
+def _image_suffix(data: bytes) -> str:
+    """The file extension of encoded image bytes, from their magic number (Pillow's names)."""
+    for magic, suffix in ((b"\x89PNG", ".png"), (b"\xff\xd8", ".jpg"), (b"GIF8", ".gif"), (b"BM", ".bmp"),
+                          (b"II*\x00", ".tif"), (b"MM\x00*", ".tif")):
+        if data.startswith(magic):
+            return suffix
+    return ".webp" if data[8:12] == b"WEBP" else ".img"
+
+
+# the contact sheet's one script: the caption boxes as a CSV (image_id, caption; a row per line)
+_SAVE_JS = """<script>
+document.getElementById('save').onclick = function () {
+  var q = function (s) { return '"' + s.replace(/"/g, '""') + '"'; };
+  var rows = ['image_id,caption'];
+  document.querySelectorAll('textarea[data-image-id]').forEach(function (t) {
+    t.value.split('\\n').map(function (s) { return s.trim(); }).filter(Boolean).forEach(function (c) {
+      rows.push(t.dataset.imageId + ',' + q(c));
+    });
+  });
+  var a = document.createElement('a');
+  a.href = URL.createObjectURL(new Blob([rows.join('\\r\\n') + '\\r\\n'], {type: 'text/csv'}));
+  a.download = 'captions.csv';
+  document.body.appendChild(a); a.click();
+};
+</script>"""
 
 
 # ------------------------------------------------------------------------------------ import
