@@ -44,8 +44,8 @@ def kill_when(cluster, node, ready, killed, timeout=120):
         end = time.time() + timeout
         while time.time() < end and not ready():
             time.sleep(0.02)
+        killed.append(time.time())  # when the kill started: the job must still be running then
         cluster.remove_node(node, allow_graceful=False)
-        killed.append(time.time())
     t = threading.Thread(target=run, daemon=True)
     t.start()
     return t
@@ -56,7 +56,7 @@ def test_a_lost_worker_node_gives_the_same_bytes(tmp_path, cluster, inputs, when
     from hnal_ray.cluster.score import RayBackend
 
     c, workers = cluster
-    kw = dict(budget=40, shards=2, shard_rows=2_500, stream_rows=1_000, seed=1)
+    kw = dict(budget=40, shards=2, shard_rows=1_500, stream_rows=500, seed=1)
     if when == "kmeans-fit":
         kw |= dict(strategy="cluster", quota="uncovered", within="typical", clusters=60, fit_iters=3)
     cfg = ScoreConfig(**kw)
@@ -68,7 +68,7 @@ def test_a_lost_worker_node_gives_the_same_bytes(tmp_path, cluster, inputs, when
         if when == "kmeans-fit":
             return step.exists()  # the first Lloyd step reduced: the second is on the actors
         try:
-            return len(json.loads(manifest.read_text())["shards"]) >= 3
+            return len(json.loads(manifest.read_text())["shards"]) >= 4  # of 48
         except (OSError, ValueError, KeyError):
             return False
 
