@@ -179,3 +179,11 @@ def test_a_finished_run_is_extended_by_more_rounds(smoke, tmp_path):
     assert max(rounds) == 3
     fewer = loop(out, sets + ["--set", "rounds=1"])
     assert fewer.returncode == 2 and "only `rounds` may grow" in fewer.stderr
+
+
+def test_an_impossible_budget_is_refused_before_round_0(smoke, tmp_path):
+    """Issue 23 (10): `budget: 10^12` is one line, exit 2, before any round trains."""
+    root, sets, _ = smoke
+    r = loop(tmp_path / "out", sets + ["--set", "budget=1000000000000"])
+    assert r.returncode == 2 and "budget 1000000000000 is larger than the pool can be" in r.stderr, r.stderr[-2000:]
+    assert not list((tmp_path / "out").glob("*/seed-*/round-*/state.json"))

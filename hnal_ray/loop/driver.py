@@ -211,6 +211,18 @@ def _check_data_unchanged(cfg: LoopConfig, out: Path) -> None:
     write_json(current, saved)
 
 
+def _check_budget(cfg: LoopConfig) -> None:
+    """A budget no round could spend is refused before round 0 trains: the pool is drawn from the
+    train split, so every round's picks fit in it at most."""
+    from hnal_ray.data.splits import split_ids
+
+    train = len(split_ids(cfg.data, "train"))
+    seed = 0 if cfg.seed_size == "all" else cfg.seed_size
+    if cfg.budget > train - seed:
+        raise ConfigError(f"budget {cfg.budget} is larger than the pool can be: {cfg.data} has {train} train "
+                          f"images{f', {seed} of them the seed set' if seed else ''}")
+
+
 def _run_loop_locked(cfg: LoopConfig, out: Path) -> Path:
     saved = out / "config.json"
     current = json.loads(json.dumps(cfg.result_fields()))
@@ -227,6 +239,7 @@ def _run_loop_locked(cfg: LoopConfig, out: Path) -> Path:
     t = time.perf_counter()
     prepare(cfg)
     _check_data_unchanged(cfg, out)
+    _check_budget(cfg)
     prepare_s = time.perf_counter() - t
     t = time.perf_counter()
     states = run_rounds(cfg, out)
