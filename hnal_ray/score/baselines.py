@@ -21,12 +21,6 @@ def random_keys(ids: np.ndarray, seed: int) -> np.ndarray:
     return (z >> np.uint64(11)).astype(np.float64) / float(2**53)
 
 
-def seeded_sample(ids: np.ndarray, seed: int, n: int) -> np.ndarray:
-    """Positions of the (at most) n ids with the smallest `random_keys` (ties by id), ascending:
-    a seeded sample that does not depend on file order or sharding."""
-    return np.sort(np.lexsort((ids, random_keys(ids, seed)))[:n])
-
-
 def nearest_center_sqdist(pool_emb: np.ndarray, center_emb: np.ndarray) -> np.ndarray:
     """(n_u,) float32 squared distance of each pool item to its nearest centre (exact FAISS L2)."""
     import faiss
