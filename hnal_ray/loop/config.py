@@ -79,6 +79,7 @@ class LoopConfig:
                                      # per GPU, or per `train.threads` CPUs on a CPU cluster
     data_subset: int | None = None  # build the data set from this many images only (smoke runs)
     data_split: str = "group"       # emoji build: "group" (unseen families at test time) or "iid"
+    data_style: str = "twemoji"     # emoji build: "twemoji", or "openmoji" (same ids, captions and split)
     encoders: EncoderConfig = field(default_factory=EncoderConfig)
     annotator: str = "oracle"       # oracle: reveal the data's held-back captions (experiments);
                                     # manual: stop after selection for a person to caption the picks
@@ -114,6 +115,8 @@ class LoopConfig:
             raise ConfigError("annotator: manual captions selected images; every strategy needs side: image")
         if self.data_split not in ("group", "iid"):
             raise ConfigError(f"data_split must be 'group' or 'iid', got {self.data_split!r}")
+        if self.data_style not in ("twemoji", "openmoji"):
+            raise ConfigError(f"data_style must be 'twemoji' or 'openmoji', got {self.data_style!r}")
         if not (self.concurrency == "auto" or (isinstance(self.concurrency, int) and self.concurrency >= 0)):
             raise ConfigError(f"concurrency must be 'auto' or an integer >= 0, got {self.concurrency!r}")
 
@@ -123,7 +126,7 @@ class LoopConfig:
         d = dataclasses.asdict(self)
         for f in ("concurrency", "shards"):
             d.pop(f)
-        for f, default in (("dataset", "emoji"), ("annotator", "oracle"),
+        for f, default in (("dataset", "emoji"), ("annotator", "oracle"), ("data_style", "twemoji"),
                            ("encoders", dataclasses.asdict(EncoderConfig()))):
             if d[f] == default:
                 d.pop(f)

@@ -52,10 +52,10 @@ def prepare(cfg: LoopConfig) -> None:
 
         if cfg.data_subset:
             full = data.with_name(data.name + "-full")
-            build_emoji_dataset(full, split=cfg.data_split)
+            build_emoji_dataset(full, split=cfg.data_split, style=cfg.data_style)
             subsample_dataset(full, data, cfg.data_subset)
         else:
-            build_emoji_dataset(data, split=cfg.data_split)
+            build_emoji_dataset(data, split=cfg.data_split, style=cfg.data_style)
     check_data_dir(data)
     if cfg.annotator == "manual" and is_precomputed(data):
         raise ConfigError(f"annotator: manual encodes new captions with encoders.text, but {data} holds "
