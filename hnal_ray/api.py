@@ -45,7 +45,8 @@ def select(paired_images: TableLike, paired_texts: TableLike, pool: TableLike, b
            wait: bool = False, out: str | os.PathLike | None = None, shard_rows: int = 1_000_000,
            stream_rows: int = 65536, precision: str = "fp32", candidates: int = 0,
            max_points_per_centroid: int = 32, fit_iters: int = 2, max_clusters: int = 0, min_cluster_size: int = 0,
-           typical_cap: int = 1000) -> Selection:
+           typical_cap: int = 1000, support: int = 65536, purity: float = 0.95,
+           bandwidth: float = 0.0) -> Selection:
     """Score `pool` against the paired set and select the top `budget` items (`hnal score`).
 
     Each input is a Parquet path (file or directory), a pyarrow Table, or a mapping of column name
@@ -65,7 +66,8 @@ def select(paired_images: TableLike, paired_texts: TableLike, pool: TableLike, b
                       within=within, cluster_sample=cluster_sample, wait=wait, shard_rows=shard_rows,
                       stream_rows=stream_rows, precision=precision, candidates=candidates,
                       max_points_per_centroid=max_points_per_centroid, fit_iters=fit_iters,
-                      max_clusters=max_clusters, min_cluster_size=min_cluster_size, typical_cap=typical_cap)
+                      max_clusters=max_clusters, min_cluster_size=min_cluster_size, typical_cap=typical_cap,
+                      support=support, purity=purity, bandwidth=bandwidth)
     scratch = Path(tempfile.mkdtemp(prefix="hnal-select-"))
     try:
         named = {}

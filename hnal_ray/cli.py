@@ -9,7 +9,7 @@ import signal
 import sys
 import threading
 
-from hnal_ray.config import QUOTAS, WITHIN, ConfigError
+from hnal_ray.config import QUOTAS, STRATEGIES, WITHIN, ConfigError
 from hnal_ray.io import InputError
 
 
@@ -46,8 +46,9 @@ def add_score_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--paired-texts", required=True, help="Parquet file/dir: text_id, image_id, embedding")
     p.add_argument("--pool", required=True, help="Parquet file/dir: image_id (or text_id), embedding")
     p.add_argument("--budget", type=int, required=True, help="number of pool items to select")
-    p.add_argument("--strategy", default="hard-negative", choices=["hard-negative", "random", "coreset", "cluster", "coverage"],
-                   help="coverage: greedy hard negatives that discount the anchors earlier picks beat")
+    p.add_argument("--strategy", default="hard-negative", choices=list(STRATEGIES),
+                   help="coverage: greedy hard negatives that discount the anchors earlier picks beat; probcover, "
+                        "maxherding: greedy coverage of the data (delta-balls, Gaussian kernel)")
     p.add_argument("--weight", default="surplus", choices=["surplus", "counting"])
     p.add_argument("--k", type=int, default=1, help="threshold = k-th hardest negative (Top-k)")
     p.add_argument("--threshold-batch", type=_threshold_batch, default=None, metavar="{full,N}",
@@ -83,7 +84,13 @@ def add_score_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--typical-cap", type=int, default=1000,
                    help="within typical: a larger cluster's typicality uses a seeded sample of about this many")
     p.add_argument("--candidates", type=int, default=0,
-                   help="coverage strategy: best items per shard sent to the greedy first (0: 4 x budget)")
+                   help="coverage, probcover, maxherding: best items per shard sent to the greedy first (0: 4 x budget)")
+    p.add_argument("--support", type=int, default=65536,
+                   help="probcover, maxherding: most items (pool and paired, a seeded sample) whose coverage counts")
+    p.add_argument("--purity", type=float, default=0.95,
+                   help="probcover: delta is the largest radius with pure balls around this share of the support")
+    p.add_argument("--bandwidth", type=float, default=0.0,
+                   help="maxherding: the Gaussian kernel's sigma (0: median distance to the 20th nearest neighbour)")
     p.add_argument("--block-pool", type=int, default=4096)
     p.add_argument("--block-anchor", type=int, default=1024)
     p.add_argument("--out", required=True, help="output directory")
@@ -99,7 +106,8 @@ def cmd_score(a: argparse.Namespace) -> int:
                  quota=a.quota, within=a.within, cluster_sample=a.cluster_sample, wait=a.wait, candidates=a.candidates,
                  max_points_per_centroid=a.max_points_per_centroid, fit_iters=a.fit_iters,
                  max_clusters=a.max_clusters, min_cluster_size=a.min_cluster_size, typical_cap=a.typical_cap,
-                 out=a.out, shard_rows=a.shard_rows, stream_rows=a.stream_rows, precision=a.precision)
+                 out=a.out, shard_rows=a.shard_rows, stream_rows=a.stream_rows, precision=a.precision,
+                 support=a.support, purity=a.purity, bandwidth=a.bandwidth)
     print(json.dumps({"out": a.out, "selected": res.summary["counts"]["selected"],
                       "pairs_per_second": round(res.summary["pairs_per_second"])}))
     return 0

@@ -4,7 +4,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-STRATEGIES = ("hard-negative", "random", "coreset", "cluster", "coverage")
+STRATEGIES = ("hard-negative", "random", "coreset", "cluster", "coverage", "probcover", "maxherding")
+HERDING = ("probcover", "maxherding")  # greedy generalized coverage of a support sample (score/herding.py)
 QUOTAS = ("equal", "proportional", "hardness", "uncovered")
 WITHIN = ("hardest", "random", "central", "typical")
 SIDES = ("image", "text")
@@ -65,6 +66,12 @@ class ScoreConfig:
     wait: bool = False             # wait for another run writing the same --out instead of refusing
     candidates: int = 0            # coverage strategy: best items per shard sent to the driver's greedy at
                                    # first (0: 4 x budget); 4x more until every pick is proved exact
+    support: int = 65536           # probcover/maxherding: most items (pool and paired, a seeded per-row
+                                   # sample) whose coverage is maximised
+    purity: float = 0.95           # probcover: delta is the largest radius whose balls are pure (one k-means
+                                   # cluster, k as --clusters/--max-clusters) around this share of the support
+    bandwidth: float = 0.0         # maxherding: the Gaussian kernel's sigma (0: the median distance from a
+                                   # support item to its 20th nearest neighbour)
     precision: str = "fp32"        # GEMM inputs: fp32, or fp16/bf16 with exact float64 recomputation of the
                                    # pairs their error bound cannot decide (same results; for tensor cores)
 
@@ -93,6 +100,9 @@ class ScoreConfig:
             (self.typical_cap >= 2, f"--typical-cap must be >= 2, got {self.typical_cap}"),
             (self.within != "typical" or self.quota == "uncovered",
              "--within typical goes with --quota uncovered (TypiClust's visiting order)"),
+            (self.support >= 1, f"--support must be >= 1, got {self.support}"),
+            (0.0 < self.purity <= 1.0, f"--purity must be in (0, 1], got {self.purity}"),
+            (self.bandwidth >= 0.0, f"--bandwidth must be >= 0 (0: automatic), got {self.bandwidth}"),
             (self.precision in PRECISIONS, f"--precision must be one of {PRECISIONS}, got {self.precision!r}"),
         ]
         for ok, msg in checks:
@@ -113,4 +123,7 @@ class ScoreConfig:
         d = dataclasses.asdict(self)
         for f in ("shards", "shard_rows", "stream_rows", "address", "wait"):
             d.pop(f)
+        if self.strategy not in HERDING:  # added later: earlier finished runs keep their key
+            for f in ("support", "purity", "bandwidth"):
+                d.pop(f)
         return d

@@ -77,6 +77,17 @@ def test_coverage_on_ray_actors_equals_single_process(tmp_path, inputs):
     assert summary["backend"]["backend"] == "ray" and summary["timings"]["candidates_per_shard"] > 1
 
 
+@pytest.mark.parametrize("strategy", ["probcover", "maxherding"])
+def test_generalized_coverage_on_ray_actors_equals_single_process(tmp_path, inputs, strategy):
+    """ProbCover / MaxHerding candidates from 2 actors over 9 shards (too few at first) give the
+    in-process picks and the same per-item bounds."""
+    flags = ["--strategy", strategy, "--candidates", 1]
+    single = run(inputs["image"], tmp_path / "single", *flags)
+    same_outputs(single, run(inputs["image"], tmp_path / "two", *flags, "--shards", 2, "--shard-rows", 7))
+    summary = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert summary["backend"]["backend"] == "ray" and summary["timings"]["candidates_per_shard"] > 1
+
+
 def test_corrupt_embedding_page_read_in_an_actor_is_exit_2(tmp_path, capsys):
     """Ids are fine (the driver's checks pass); the last row group's embedding page is corrupt, so the
     actor that loads it fails: one line naming the file and row group, nothing in --out."""

@@ -34,6 +34,11 @@ class StrategyConfig:
                                    # on the validation pairs (RHO-LOSS-style: hardness the model can reduce)
     switch_at: int | None = None   # budget-aware: from this many paired images on, select with `then`
     then: dict | None = None       # the score options that replace these ones from `switch_at` on
+    features: str = "model"        # what selection sees: the previous round's model embeddings, or the frozen
+                                   # encoder features (image side; strategies that do not use the texts)
+    support: int = 65536           # probcover/maxherding (see `hnal score --support`)
+    purity: float = 0.95
+    bandwidth: float = 0.0
 
     def __post_init__(self):
         if not (isinstance(self.name, str) and re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", self.name)):
@@ -41,11 +46,13 @@ class StrategyConfig:
                               f"'_', '-', not starting with '.', '_' or '-'): it names the strategy's folder")
         if self.reducible and (self.strategy != "hard-negative" or self.side != "image" or self.switch_at):
             raise ConfigError(f"strategies: {self.name}: reducible goes with strategy: hard-negative on the image side")
+        if self.features not in ("model", "frozen") or (self.then or {}).get("features", "model") not in ("model", "frozen"):
+            raise ConfigError(f"strategies: {self.name}: features must be 'model' or 'frozen', got {self.features!r} / {short_repr(self.then)}")
         if (self.switch_at is None) != (self.then is None):
             raise ConfigError(f"strategies: {self.name}: switch_at and then go together")
         if self.then is not None:
             allowed = {"strategy", "weight", "k", "threshold_batch", "clusters", "quota", "within", "max_clusters",
-                       "min_cluster_size"}
+                       "min_cluster_size", "features", "support", "purity", "bandwidth"}
             if not isinstance(self.then, dict) or set(self.then) - allowed:
                 raise ConfigError(f"strategies: {self.name}: then may set only {sorted(allowed)}, got "
                                   f"{short_repr(self.then)}")
@@ -55,10 +62,22 @@ class StrategyConfig:
         """The `hnal score` options for a round that starts with `paired_images` paired images."""
         opts = {"strategy": self.strategy, "weight": self.weight, "k": self.k, "threshold_batch": self.threshold_batch,
                 "clusters": self.clusters, "quota": self.quota, "within": self.within,
-                "max_clusters": self.max_clusters, "min_cluster_size": self.min_cluster_size}
+                "max_clusters": self.max_clusters, "min_cluster_size": self.min_cluster_size,
+                "support": self.support, "purity": self.purity, "bandwidth": self.bandwidth}
         if self.switch_at is not None and paired_images >= self.switch_at:
             opts |= self.then
-        return ScoreConfig(budget=budget, side=self.side, seed=seed, shards=shards, **opts)
+        opts.pop("features", None)
+        cfg = ScoreConfig(budget=budget, side=self.side, seed=seed, shards=shards, **opts)
+        if self.features_at(paired_images) == "frozen" and (cfg.uses_thresholds or self.side != "image"):
+            raise ConfigError(f"strategies: {self.name}: features: frozen goes with image-side strategies that do "
+                              f"not use the texts (random, cluster without hardness, probcover, maxherding, coreset)")
+        return cfg
+
+    def features_at(self, paired_images: int) -> str:
+        """"model" or "frozen": what the round that starts with `paired_images` paired images selects on."""
+        if self.switch_at is not None and paired_images >= self.switch_at:
+            return self.then.get("features", self.features)
+        return self.features
 
 
 @dataclass(frozen=True)
@@ -133,8 +152,9 @@ class LoopConfig:
         for s in d["strategies"]:
             if not s["reducible"]:
                 s.pop("reducible")
-            for f in ("max_clusters", "min_cluster_size"):
-                if s[f] == 0:
+            for f, default in (("max_clusters", 0), ("min_cluster_size", 0), ("features", "model"),
+                               ("support", 65536), ("purity", 0.95), ("bandwidth", 0.0)):
+                if s[f] == default:
                     s.pop(f)
         return d
 

@@ -223,13 +223,18 @@ def _select(cfg: LoopConfig, ctx: Context, strategy: StrategyConfig, seed: int, 
     img, txt = embed_features(prev["checkpoint"], feats)
     paired_images = np.unique(feats.text_owner[np.isin(feats.text_ids, paired)])
     emb = d / "embeddings"
-    write_embeddings(feats, img, txt, emb / "paired", paired_images, np.zeros(0, np.int64))
-    _write_texts(feats, txt, paired, emb / "paired" / "captions.parquet")  # exactly the paired pairs
+    sel_img, sel_txt = img, txt
+    if strategy.features_at(int(prev["paired_images"])) == "frozen":
+        # the frozen image features; the caption rows carry their image's (no strategy allowed here reads them)
+        sel_img = feats.image_feat / np.maximum(np.linalg.norm(feats.image_feat, axis=1, keepdims=True), 1e-12)
+        sel_txt = sel_img[np.searchsorted(feats.image_ids, feats.text_owner)]
+    write_embeddings(feats, sel_img, sel_txt, emb / "paired", paired_images, np.zeros(0, np.int64))
+    _write_texts(feats, sel_txt, paired, emb / "paired" / "captions.parquet")  # exactly the paired pairs
     if strategy.side == "image":
         pool = np.setdiff1d(ctx.splits.train, paired_images)
         if cfg.annotator == "oracle":  # it can only reveal captions the data has
             pool = np.intersect1d(pool, ctx.captioned_train)
-        write_embeddings(feats, img, txt, emb / "pool", pool, np.zeros(0, np.int64))
+        write_embeddings(feats, sel_img, sel_txt, emb / "pool", pool, np.zeros(0, np.int64))
         pool_path = emb / "pool" / "images.parquet"
     else:
         train_texts = feats.texts_of(ctx.splits.train)

@@ -25,7 +25,9 @@ from hnal_ray.score.baselines import coreset_select
 from hnal_ray.score.clusters import quota_select, visit_plan
 from hnal_ray.score.kmeans import fit_centres, fit_fraction, in_fit, lloyd_update
 from hnal_ray.score.coverage import SLACK, Candidates, greedy_cover
-from hnal_ray.config import ScoreConfig, ScoreInputs
+from hnal_ray.config import HERDING, ScoreConfig, ScoreInputs
+from hnal_ray.score import herding
+from hnal_ray.score.kmeans import cluster_labels
 from hnal_ray.device import faiss_uses_gpu, pick_device
 from hnal_ray.io import InputError, read_embeddings, read_json, read_ids, read_rows, write_json, write_parquet
 from hnal_ray.score.outdir import check_out, out_lock
@@ -35,6 +37,7 @@ from hnal_ray.score.thresholds import kth, merge_topk, minibatch_thresholds
 from hnal_ray.score.worker import Anchors, ScoreTask, ScoreWorker, ShardResult, ShardSpec, score_table
 
 log = logging.getLogger(__name__)
+GREEDY = ("coverage", *HERDING)  # picks proved on the driver from each shard's candidates
 
 
 class Backend(Protocol):
@@ -126,12 +129,13 @@ def _run_locked(inputs: ScoreInputs, cfg: ScoreConfig, out: Path, make_backend) 
         manifest = json.loads((work / "manifest.json").read_text())
         thresholds = _thresholds(plan, cfg, backend, work, timings)
         centres = _centres(plan, cfg, backend, work, timings) if cfg.strategy == "cluster" else None
-        m = manifest.get("candidates") or cfg.candidates or 4 * cfg.budget  # coverage: candidates per shard
+        herd = _herding(plan, cfg, timings) if cfg.strategy in HERDING else None
+        m = manifest.get("candidates") or cfg.candidates or 4 * cfg.budget  # greedy: candidates per shard
         t = time.perf_counter()
         while True:
             task = ScoreTask(cfg.strategy, cfg.weight, cfg.budget, cfg.seed, cfg.block_pool, cfg.block_anchor,
                              centres=centres, within=cfg.within, quota=cfg.quota, stream_rows=cfg.stream_rows,
-                             precision=cfg.precision, candidates=m)
+                             precision=cfg.precision, candidates=m, **(herd.task_fields() if herd else {}))
             todo = [s for s in specs if not _shard_done(work, manifest, s.index)]
             fail = os.environ.get("HNAL_FAIL_SHARD")  # test switch: that shard's worker dies once, mid-shard
             tasks = [dataclasses.replace(task, fail_marker=str(out / f".failed-once-{s.index}"))
@@ -140,20 +144,21 @@ def _run_locked(inputs: ScoreInputs, cfg: ScoreConfig, out: Path, make_backend) 
                                     [str(work / "parts" / f"part-{s.index:05d}.parquet") for s in todo])
             for res in tqdm(results, total=len(todo), desc="score shards", unit="shard", disable=None):
                 _record(work, manifest, res)
-            if cfg.strategy != "coverage":
+            if cfg.strategy not in GREEDY:
                 break
-            selection = greedy_cover([_read_candidates(work, manifest, i) for i in range(n_shards)], cfg.budget,
-                                     len(plan.anchors.ids), SLACK if cfg.weight == "surplus" else 0.0)
+            parts = [_read_candidates(work, manifest, i) for i in range(n_shards)]
+            selection = (herding.greedy_herd(parts, cfg.budget, herd.covered) if herd else
+                         greedy_cover(parts, cfg.budget, len(plan.anchors.ids), SLACK if cfg.weight == "surplus" else 0.0))
             if selection is not None:
                 break
-            log.info("coverage: %d candidates per shard cannot prove every pick; asking for %d", m, 4 * m)
+            log.info("%s: %d candidates per shard cannot prove every pick; asking for %d", cfg.strategy, m, 4 * m)
             m *= 4
             manifest["pairs_before"] = manifest.get("pairs_before", 0) + sum(v["pairs"] for v in manifest["shards"].values())
             manifest["shards"], manifest["candidates"] = {}, m  # every shard again, with more candidates
             write_json(manifest, work / "manifest.json")
         timings["score_s"] = time.perf_counter() - t
         paired = None
-        if cfg.strategy != "coverage":
+        if cfg.strategy not in GREEDY:
             selection = None
         if cfg.strategy == "cluster" and cfg.quota == "uncovered":
             t = time.perf_counter()
@@ -168,10 +173,11 @@ def _run_locked(inputs: ScoreInputs, cfg: ScoreConfig, out: Path, make_backend) 
         backend_info = backend.info()
     finally:
         backend.close()
-    if cfg.strategy == "coverage" or selection is not None:
-        if cfg.strategy == "coverage":
+    if cfg.strategy in GREEDY or selection is not None:
+        if cfg.strategy in GREEDY:
             timings["candidates_per_shard"] = m
-        return _finish(out, work, selection, plan, cfg, inputs, key, t0, timings, manifest, backend_info)
+        return _finish(out, work, selection, plan, cfg, inputs, key, t0, timings, manifest, backend_info,
+                       herd.summary() if herd else None)
     tops = [_read_top(work, i) for i in range(n_shards)]
     if cfg.strategy == "cluster":
         shard_info = [manifest["shards"][str(i)] for i in range(n_shards)]
@@ -183,6 +189,51 @@ def _run_locked(inputs: ScoreInputs, cfg: ScoreConfig, out: Path, make_backend) 
     else:
         selection = merge_top([t for t, _ in tops], cfg.budget)
     return _finish(out, work, selection, plan, cfg, inputs, key, t0, timings, manifest, backend_info)
+
+
+@dataclasses.dataclass(frozen=True)
+class Herding:
+    """probcover/maxherding: the support rows, their coverage by the paired items and the kernel."""
+
+    support: np.ndarray   # (|U|, d) float64
+    covered: np.ndarray   # (|U|,) float64
+    kernel: herding.Kernel
+    fraction: float
+
+    def task_fields(self) -> dict:
+        return {"support": self.support, "covered": self.covered, "kernel": self.kernel}
+
+    def summary(self) -> dict:
+        return {"support": len(self.support), "support_fraction": self.fraction, "kernel": self.kernel.kind,
+                "scale": self.kernel.scale, "mean_coverage_of_paired": float(self.covered.mean()) if len(self.covered) else 0.0}
+
+
+def _herding(plan: Plan, cfg: ScoreConfig, timings: dict) -> Herding:
+    """The support (a seeded per-row sample of pool and paired items, at most about --support), the
+    kernel's scale (probcover: the purity radius of a k-means of the support; maxherding: --bandwidth
+    or the kNN rule) and each support item's coverage by the paired items; on the driver."""
+    t = time.perf_counter()
+    fraction = min(1.0, cfg.support / max(plan.n_pool + plan.n_keys, 1))
+    support = np.concatenate([_fit_rows(plan.tables.pool_path, plan.tables.pool_id, cfg.seed, fraction, plan.dim),
+                              _fit_rows(plan.tables.key_path, plan.tables.key_id, cfg.seed, fraction, plan.dim)])
+    device = pick_device(cfg.device)
+    timings["herding_support_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    if cfg.strategy == "probcover":
+        k = cfg.clusters or plan.n_keys + cfg.budget
+        k = max(1, min(k, cfg.max_clusters or k, len(support)))
+        labels = cluster_labels(support, k, cfg.seed)[1]
+        kernel = herding.Kernel("ball", herding.purity_radius(support, labels, cfg.purity, device))
+    else:
+        kernel = herding.Kernel("gauss", cfg.bandwidth or herding.knn_bandwidth(support, device))
+    timings["herding_scale_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    support = support.astype(np.float64)
+    covered = herding.coverage_of(support, load_keys_sorted(plan)[2], kernel)
+    timings["herding_covered_s"] = time.perf_counter() - t
+    log.info("%s: %d support items, %s kernel scale %.4g, mean coverage by the paired items %.3f", cfg.strategy,
+             len(support), kernel.kind, kernel.scale, covered.mean() if len(covered) else 0.0)
+    return Herding(support, covered, kernel, fraction)
 
 
 def _n_clusters(plan: Plan, cfg: ScoreConfig) -> int:
@@ -436,7 +487,8 @@ def _finished_summary(out: Path, key: str) -> dict | None:
     return None
 
 
-def _finish(out, work, selection: Ranked, plan: Plan, cfg, inputs, key, t0, timings, manifest, backend_info):
+def _finish(out, work, selection: Ranked, plan: Plan, cfg, inputs, key, t0, timings, manifest, backend_info,
+            extra: dict | None = None):
     id_col = plan.tables.pool_id
     write_parquet(pa.table({id_col: pa.array(selection.ids, pa.int64()),
                             "score": pa.array(selection.scores, pa.float64()),
@@ -467,6 +519,8 @@ def _finish(out, work, selection: Ranked, plan: Plan, cfg, inputs, key, t0, timi
         "shards": shards, "backend": backend_info,
         "workers": backend_info.get("workers", []),  # per worker process: rows, shards, peak_rss_mib
     }
+    if extra is not None:
+        summary[cfg.strategy] = extra
     write_json(summary, out / "summary.json")
     shutil.rmtree(work, ignore_errors=True)
     log.info("selected %d of %d pool items in %.2fs (%.3g pairs/s); outputs in %s", len(selection), plan.n_pool,

@@ -129,3 +129,39 @@ def dense_typical(ids: np.ndarray, emb: np.ndarray, picks: int, neighbours: int 
                 best = (t, i)
         out.append(left.pop(best[1])[0])
     return out
+
+
+def dense_generalized_coverage(ids: np.ndarray, pool_emb: np.ndarray, support: np.ndarray, paired: np.ndarray,
+                               kernel, budget: int, tiebreak: np.ndarray) -> list[int]:
+    """ProbCover / MaxHerding literally: the full float64 kernel matrix, c_u = max over paired and
+    picks, each pick the largest sum_u max(0, k(u, x) - c_u), ties to the larger `tiebreak`, then
+    the smaller id. `kernel(d2)` maps squared distances to kernel values; d2 is the definition's
+    max(0, |x|^2 + |u|^2 - 2 u.x), u.x from numpy's matrix-vector product of the support and x
+    (a float64 expression whose last bit depends on the summation order, so it is spelled out)."""
+    u = np.asarray(support, np.float64)
+    un = np.einsum("ij,ij->i", u, u)
+
+    def k_of(a):
+        return kernel(np.array([np.maximum(float(x @ x) + un - 2.0 * (u @ x), 0.0)
+                                for x in np.asarray(a, np.float64)]).reshape(len(a), len(u)))
+
+    big = k_of(pool_emb)
+    c = k_of(paired).max(0) if len(paired) else np.zeros(len(support))
+    free, out = np.ones(len(ids), bool), []
+    for _ in range(min(budget, len(ids))):
+        gain = np.maximum(big - c, 0.0).sum(1)
+        best = max((i for i in range(len(ids)) if free[i]), key=lambda i: (gain[i], tiebreak[i], -ids[i]))
+        out.append(int(ids[best]))
+        free[best] = False
+        c = np.maximum(c, big[best])
+    return out
+
+
+def dense_purity_radius(x: np.ndarray, labels: np.ndarray, purity: float) -> float:
+    """ProbCover's delta by brute force: the largest radius r, among the rows' distances to their
+    nearest row of another cluster, at which a `purity` share of the open r-balls is pure."""
+    d = np.sqrt(((np.asarray(x, np.float64)[:, None] - np.asarray(x, np.float64)[None]) ** 2).sum(-1))
+    other = np.array([d[i, labels != labels[i]].min() if (labels != labels[i]).any() else np.inf
+                      for i in range(len(x))])
+    ok = [r for r in other if (other >= r).mean() >= purity]
+    return float(max(ok))

@@ -26,6 +26,7 @@ from hnal_ray.io import embedding_array, iter_embeddings, write_parquet
 from hnal_ray.score.lowprec import score_pool_lowprec
 from hnal_ray.score.scoring import score_pool
 from hnal_ray.score.coverage import Candidates, empty_candidates, shard_candidates
+from hnal_ray.score import herding
 from hnal_ray.score.selection import Ranked, select_top, top_rows
 from hnal_ray.score.thresholds import merge_topk, negative_topk
 
@@ -72,7 +73,10 @@ class ScoreTask:
     quota: str = "equal"            # cluster strategy: "hardness" also counts each cluster's hard negatives
     stream_rows: int = 65536        # rows read from Parquet at a time
     precision: str = "fp32"         # fp16/bf16: the exact low-precision path (hnal_ray.score.lowprec)
-    candidates: int = 0             # coverage strategy: items a shard sends to the driver's greedy
+    candidates: int = 0             # coverage, probcover, maxherding: items a shard sends to the driver's greedy
+    support: np.ndarray | None = None  # probcover/maxherding: (|U|, d) float64 support rows
+    covered: np.ndarray | None = None  # probcover/maxherding: (|U|,) float64 coverage by the paired items
+    kernel: herding.Kernel | None = None
 
 
 @dataclass(frozen=True)
@@ -123,7 +127,7 @@ class ScoreWorker:
         cand = None  # coverage: the running best `candidates` + 1 rows (ids, scores, margins, embeddings)
         for block in iter_embeddings(spec.path, spec.id_column, None, spec.dim, *spec.rows, task.stream_rows):
             s, m, c, n, again = self._score_block(block.ids, block.emb, task, anchors, thresholds)
-            if task.strategy == "coverage":
+            if task.strategy == "coverage" or task.kernel is not None:
                 cand = _keep_best(cand, (block.ids, s, m, block.emb), task.candidates + 1)
             ids.append(block.ids), scores.append(s), margins.append(m), clusters.append(c)
             pairs, recomputed = pairs + n, recomputed + again
@@ -147,6 +151,11 @@ class ScoreWorker:
             return ShardResult(spec.index, top, len(ids), pairs, seconds, socket.gethostname(), os.getpid(),
                                top_cluster, np.bincount(cluster, minlength=k), recomputed,
                                np.bincount(np.concatenate(hard), minlength=k) if hard else None)
+        if task.kernel is not None:
+            cands = empty_candidates() if cand is None else herding.shard_candidates(
+                *cand[:3], lambda rows: cand[3][rows], task.candidates, task.support, task.covered, task.kernel)
+            return ShardResult(spec.index, cands.top, len(ids), pairs, seconds, socket.gethostname(), os.getpid(),
+                               candidates=cands)
         if task.strategy == "coverage":
             cands = empty_candidates() if cand is None else shard_candidates(
                 *cand[:3], lambda rows: cand[3][rows], task.candidates, anchors.emb, thresholds, task.weight)
@@ -227,6 +236,10 @@ class ScoreWorker:
         per item, so the results do not depend on how the pool is cut into shards and blocks."""
         cluster = assign(emb, task.centres, self.device) if task.strategy == "cluster" else None
         nan = np.full(len(ids), np.nan, np.float32)
+        if task.kernel is not None:  # probcover/maxherding: an upper bound of each row's first gain
+            bounds = herding.gain_bounds(emb, task.support, task.covered, task.kernel, self.device,
+                                         task.block_pool, task.block_anchor)
+            return bounds, herding.order_key(ids, task.seed), None, len(ids) * len(task.support), 0
         if cluster is not None and task.within in ("central", "typical"):  # typical: picked in a later pass
             return centrality(emb, task.centres, cluster), nan, cluster, 0, 0
         if task.strategy == "random" or (cluster is not None and task.within == "random"):
