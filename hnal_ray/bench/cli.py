@@ -40,6 +40,17 @@ def add_bench_parser(subparsers) -> None:
     cp.add_argument("run_b", help="another, with the same strategy names and seeds")
     cp.add_argument("--metric", default="r1_sum", help="a test metric column (r1_sum, rsum, ...)")
     cp.set_defaults(func=cmd_bench_compare)
+    tp = bench.add_parser("table", help="one table from loop runs of one config over disjoint seed ranges (pooled)")
+    tp.add_argument("runs", nargs="+", help="loop output directories that differ only in their seeds")
+    tp.add_argument("--baseline", default="random")
+    tp.add_argument("--metric", default="r1_sum")
+    tp.set_defaults(func=cmd_bench_table)
+    ch = bench.add_parser("choose", help="the selection protocol's choice rule (docs/selection.md) over regimes")
+    ch.add_argument("regimes", nargs="+", metavar="NAME=RUN[,RUN...]",
+                    help="a regime's name and its loop run(s) (pooled over disjoint seeds)")
+    ch.add_argument("--baseline", default="random")
+    ch.add_argument("--metric", default="r1_sum")
+    ch.set_defaults(func=cmd_bench_choose)
     st = bench.add_parser("stream", help="pools larger than memory: streamed shards, peak RSS per worker")
     st.add_argument("--root", required=True, help="where the synthetic pools and outputs go (needs the disk space)")
     st.add_argument("--sizes", type=_tuple(int), default=(1_000_000,), help="pool sizes, e.g. 1000000,3000000")
@@ -97,6 +108,28 @@ def cmd_bench_stream(a: argparse.Namespace) -> int:
     print(format_stream_table(res))
     if a.json:
         write_json(res, a.json)
+    return 0
+
+
+def cmd_bench_table(a: argparse.Namespace) -> int:
+    from hnal_ray.bench.study import pooled_rows, study_table
+
+    rows, _ = pooled_rows(a.runs)
+    print(study_table(rows, a.baseline, a.metric))
+    return 0
+
+
+def cmd_bench_choose(a: argparse.Namespace) -> int:
+    from hnal_ray.bench.study import choose, format_choice, pooled_rows
+    from hnal_ray.io import InputError
+
+    regimes = {}
+    for item in a.regimes:
+        name, sep, runs = item.partition("=")
+        if not sep or not runs:
+            raise InputError(f"expected NAME=RUN[,RUN...], got {item!r}")
+        regimes[name] = pooled_rows(runs.split(","))[0]
+    print(format_choice(choose(regimes, a.baseline, a.metric)))
     return 0
 
 
