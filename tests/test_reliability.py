@@ -252,3 +252,39 @@ def test_an_empty_manifest_or_summary_is_redone_not_a_traceback(tmp_path):
     (tmp_path / "a" / "summary.json").write_text("{")
     assert main(score_args(paths, tmp_path / "a")) == 0
     assert pq.read_table(tmp_path / "a" / "selection.parquet").equals(want)
+
+
+def test_a_killed_drivers_late_worker_cannot_touch_a_later_run(tmp_path, monkeypatch):
+    """A worker of a killed driver finishing its shard while a new run (another config) is under way
+    writes only a name that driver would have renamed: the new run's outputs are an undisturbed
+    run's. (Ray ends such actors about a second after their driver; this is that second, made sure.)"""
+    from hnal_ray.score import job
+    from hnal_ray.score.worker import ScoreWorker
+
+    paths, _ = write_inputs(tmp_path / "in", np.random.default_rng(8), n_pool=40)
+    out, handed = tmp_path / "out", {}
+    real_score, real_record = ScoreWorker.score, job._record
+
+    def dies_in_shard_2(self, spec, task, anchors, thresholds, part_path):
+        handed[spec.index] = part_path  # where the driver told this worker to write
+        if spec.index == 2:
+            raise KeyboardInterrupt  # the driver is gone mid-shard; its worker is not (yet)
+        return real_score(self, spec, task, anchors, thresholds, part_path)
+
+    monkeypatch.setattr(ScoreWorker, "score", dies_in_shard_2)
+    assert main(score_args(paths, out, "--shard-rows", 7, "--k", 2)) == 130
+    monkeypatch.setattr(ScoreWorker, "score", real_score)
+
+    def orphan_writes_after_shard_2(work, manifest, res, *rest):
+        real_record(work, manifest, res, *rest)
+        if res.index == 2:  # the killed driver's worker finishes shard 2 now, with the old config's scores
+            t = pq.read_table(os.path.join(work, "parts", "part-00002.parquet"))
+            pq.write_table(t.set_column(1, "score", pa.array(np.full(t.num_rows, 99.0))), handed[2])
+
+    monkeypatch.setattr(job, "_record", orphan_writes_after_shard_2)
+    assert main(score_args(paths, out, "--shard-rows", 7)) == 0
+    monkeypatch.setattr(job, "_record", real_record)
+    assert main(score_args(paths, tmp_path / "clean", "--shard-rows", 7)) == 0
+    for name in ("scores.parquet", "selection.parquet"):
+        assert pq.read_table(out / name).equals(pq.read_table(tmp_path / "clean" / name)), name
+    assert not list((out / "scores.parquet").glob(".part-*"))

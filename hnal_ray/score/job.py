@@ -11,6 +11,7 @@ import hashlib
 import json
 import logging
 import os
+import secrets
 import shutil
 import time
 from pathlib import Path
@@ -127,6 +128,7 @@ def _run_locked(inputs: ScoreInputs, cfg: ScoreConfig, out: Path, make_backend) 
         timings["start_s"] = time.perf_counter() - t
         work = _work_dir(out, work_key(key, cfg))
         manifest = json.loads((work / "manifest.json").read_text())
+        nonce = secrets.token_hex(6)  # this driver's workers write under names only it renames
         thresholds = _thresholds(plan, cfg, backend, work, timings)
         centres = _centres(plan, cfg, backend, work, timings) if cfg.strategy == "cluster" else None
         herd = _herding(plan, cfg, timings) if cfg.strategy in HERDING else None
@@ -141,9 +143,9 @@ def _run_locked(inputs: ScoreInputs, cfg: ScoreConfig, out: Path, make_backend) 
             tasks = [dataclasses.replace(task, fail_marker=str(out / f".failed-once-{s.index}"))
                      if str(s.index) == fail else task for s in todo]
             results = backend.score(todo, tasks, plan.anchors if thresholds is not None else None, thresholds,
-                                    [str(work / "parts" / f"part-{s.index:05d}.parquet") for s in todo])
+                                    [str(_fenced(work / "parts", s.index, nonce)) for s in todo])
             for res in tqdm(results, total=len(todo), desc="score shards", unit="shard", disable=None):
-                _record(work, manifest, res)
+                _record(work, manifest, res, nonce)
             if cfg.strategy not in GREEDY:
                 break
             parts = [_read_candidates(work, manifest, i) for i in range(n_shards)]
@@ -168,7 +170,7 @@ def _run_locked(inputs: ScoreInputs, cfg: ScoreConfig, out: Path, make_backend) 
             if cfg.within == "typical":
                 t = time.perf_counter()
                 sizes = np.sum([manifest["shards"][str(i)]["cluster_counts"] for i in range(n_shards)], axis=0)
-                selection = _typical_select(plan, cfg, backend, work, sizes, paired, n_shards)
+                selection = _typical_select(plan, cfg, backend, work, sizes, paired, n_shards, nonce)
                 timings["typical_s"] = time.perf_counter() - t
         backend_info = backend.info()
     finally:
@@ -324,7 +326,7 @@ def _paired_counts(plan: Plan, cfg: ScoreConfig, backend, centres: np.ndarray) -
 
 
 def _typical_select(plan: Plan, cfg: ScoreConfig, backend, work: Path, sizes: np.ndarray, paired: np.ndarray,
-                    n_shards: int) -> Ranked:
+                    n_shards: int, nonce: str) -> Ranked:
     """TypiClust's picks (--within typical): how many each cluster gives follows from the counts
     alone (visit_plan); then each worker writes its shard's rows of those clusters (a seeded sample
     of about --typical-cap items of a larger cluster), and the typicality of each cluster is computed
@@ -337,8 +339,10 @@ def _typical_select(plan: Plan, cfg: ScoreConfig, backend, work: Path, sizes: np
     specs = pool_shards(plan, cfg.shard_rows)
     todo = [s for s in specs if not (tdir / f"part-{s.index:05d}.parquet").exists()]
     rows = list(backend.run("typical_part", [(s, str(work / "parts" / f"part-{s.index:05d}.parquet"), keep_below,
-                                              cfg.seed, str(tdir / f"part-{s.index:05d}.parquet"), cfg.stream_rows)
+                                              cfg.seed, str(_fenced(tdir, s.index, nonce)), cfg.stream_rows)
                                              for s in todo]))
+    for s in todo:
+        os.replace(_fenced(tdir, s.index, nonce), tdir / f"part-{s.index:05d}.parquet")
     log.info("typicality: %d rows of %d clusters written by %d shards", sum(rows), int((picks > 0).sum()), len(todo))
     chosen = np.flatnonzero(picks)
     expect = np.minimum(sizes, np.maximum(cfg.typical_cap, 4 * picks))[chosen]
@@ -435,7 +439,14 @@ def _work_dir(out: Path, key: str) -> Path:
     return work
 
 
-def _record(work: Path, manifest: dict, res: ShardResult) -> None:
+def _fenced(folder: Path, i: int, nonce: str) -> Path:
+    """Where a worker writes shard i's part for the driver holding `nonce`: a hidden name that only
+    that driver renames to `part-NNNNN.parquet` once it has the result. A worker left over from a
+    killed driver (Ray ends it about a second later) can only write a name nobody reads."""
+    return folder / f".part-{i:05d}-{nonce}.parquet"
+
+
+def _record(work: Path, manifest: dict, res: ShardResult, nonce: str | None = None) -> None:
     cols = {"id": res.top.ids, "score": res.top.scores, "max_margin": res.top.max_margin}
     if res.candidates is not None:  # coverage: the anchors each candidate beats, as list columns
         c = res.candidates
@@ -445,6 +456,8 @@ def _record(work: Path, manifest: dict, res: ShardResult) -> None:
     if res.top_cluster is not None:
         cols["cluster"] = res.top_cluster.astype(np.int64)
     write_parquet(pa.table(cols), work / "top" / f"part-{res.index:05d}.parquet")
+    if nonce is not None:
+        os.replace(_fenced(work / "parts", res.index, nonce), work / "parts" / f"part-{res.index:05d}.parquet")
     manifest["shards"][str(res.index)] = {"rows": res.rows, "pairs": res.pairs, "seconds": res.seconds,
                                           "node": res.node, "pid": res.pid, "pairs_recomputed": res.recomputed,
                                           "pairs_per_second": res.pairs / max(res.seconds, 1e-9)}
@@ -499,6 +512,8 @@ def _finish(out, work, selection: Ranked, plan: Plan, cfg, inputs, key, t0, timi
         shutil.rmtree(final_scores)
     elif final_scores.exists():
         final_scores.unlink()
+    for stray in (work / "parts").glob(".part-*"):  # parts of workers whose driver was killed
+        stray.unlink()
     os.replace(work / "parts", final_scores)
     steps = sorted((work / "kmeans").glob("step-*.npy")) if (work / "kmeans").exists() else []
     if steps:  # the cluster strategy's centres, (k, d) float64: the clusters in scores.parquet
