@@ -1,6 +1,7 @@
 """A lost node (issue 23): a real three-node Ray cluster on this machine (a head and two worker nodes,
-`ray.cluster_utils.Cluster`), a worker node's raylet killed in the middle of `hnal score --shards`
-and of the pool-scale k-means fit; the job finishes with the bytes of an undisturbed run."""
+`ray.cluster_utils.Cluster`), a worker node's raylet killed in the middle of `hnal score --shards`,
+of the pool-scale k-means fit and of a loop round; the job finishes with the bytes of an
+undisturbed run."""
 import json
 import threading
 import time
@@ -94,4 +95,51 @@ def test_a_lost_worker_node_gives_the_same_bytes(tmp_path, cluster, inputs, when
         assert np.array_equal(np.load(out / "centres.npy"), np.load(tmp_path / "undisturbed" / "centres.npy"))
     workers.remove(node)
     workers.append(c.add_node(num_cpus=1))  # the next case starts from three nodes again
+    c.wait_for_nodes()
+
+
+def test_a_lost_worker_node_mid_round_gives_the_same_loop_numbers(tmp_path, cluster):
+    """The smoke loop with rounds as Ray tasks (2 at once) over the three nodes; the node running a
+    round is removed while that round trains; Ray runs the round's task again on a live node (a
+    round starts from its inputs and writes its state last), and the loop's metrics are those of
+    the same loop run in one process."""
+    import dataclasses
+
+    from ray.util.state import list_tasks
+
+    from hnal_ray.loop.config import load_loop_config
+    from hnal_ray.loop.driver import run_loop
+
+    c, workers = cluster
+    cfg = load_loop_config("jobs/smoke.yaml", [f"data={tmp_path / 'data'}", f"features={tmp_path / 'features'}",
+                                                "concurrency=2", "train.epochs=6"])
+    run_loop(dataclasses.replace(cfg, concurrency=0), tmp_path / "undisturbed")  # builds data and features too
+    out, killed = tmp_path / "out", []
+    by_id = {w.node_id: w for w in workers}
+
+    def round_on_a_worker_node():
+        if not list(out.glob("*/seed-*/round-1")):  # round 0 is done: round 1 is being computed
+            return None
+        running = list_tasks(filters=[("state", "=", "RUNNING"), ("func_or_class_name", "=", "run_round")])
+        return next((by_id[t.node_id] for t in running if t.node_id in by_id), None)
+
+    def kill():
+        end = time.time() + 300
+        while time.time() < end:
+            node = round_on_a_worker_node()
+            if node is not None:
+                killed.append((time.time(), node))
+                c.remove_node(node, allow_graceful=False)
+                return
+            time.sleep(0.05)
+
+    killer = threading.Thread(target=kill, daemon=True)
+    killer.start()
+    run_loop(cfg, out)
+    finished = time.time()
+    killer.join()
+    assert killed and killed[0][0] < finished, "no round ran on a worker node, or it was removed after the loop"
+    assert pq.read_table(out / "metrics.parquet").equals(pq.read_table(tmp_path / "undisturbed" / "metrics.parquet"))
+    workers.remove(killed[0][1])
+    workers.append(c.add_node(num_cpus=1))
     c.wait_for_nodes()
