@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import shlex
@@ -390,6 +391,29 @@ def main(argv: list[str] | None = None) -> int:
         print(f"hnal {args.command}: {'terminated (SIGTERM)' if term else 'interrupted'}; re-run the same command "
               f"to resume", file=sys.stderr)
         return 143 if term else 130
+    except Exception as exc:
+        full = _disk_full(exc)
+        if full is not None:
+            where = f" writing {full.filename}" if full.filename else ""
+            print(f"hnal {args.command}: error: no space left on the device{where}; free some space (or choose "
+                  f"another --out), then re-run the same command to resume: finished work is kept", file=sys.stderr)
+            return 2
+        if type(exc).__module__.startswith("ray."):  # lost past every retry: actors, nodes, objects
+            first = (str(exc).strip().splitlines() or [""])[0][:300]
+            print(f"hnal {args.command}: error: the Ray cluster lost work it could not redo ({type(exc).__name__}: "
+                  f"{first}); re-run the same command to resume: finished work is kept", file=sys.stderr)
+            return 1
+        raise
+
+
+def _disk_full(exc: BaseException) -> OSError | None:
+    """The ENOSPC/EDQUOT error behind `exc` (raised here, or in a Ray worker and wrapped), else None."""
+    seen = 0
+    while exc is not None and seen < 8:
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return exc
+        exc, seen = getattr(exc, "cause", None) or exc.__cause__ or exc.__context__, seen + 1
+    return None
 
 
 if __name__ == "__main__":

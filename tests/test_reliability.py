@@ -288,3 +288,44 @@ def test_a_killed_drivers_late_worker_cannot_touch_a_later_run(tmp_path, monkeyp
     for name in ("scores.parquet", "selection.parquet"):
         assert pq.read_table(out / name).equals(pq.read_table(tmp_path / "clean" / name)), name
     assert not list((out / "scores.parquet").glob(".part-*"))
+
+
+def test_disk_full_is_one_line_and_resumes(tmp_path, capsys, monkeypatch):
+    """ENOSPC while a shard's part is written: one line naming the file, exit 2, and the same command
+    later finishes with an undisturbed run's outputs (finished shards kept)."""
+    import errno
+
+    from hnal_ray.score import worker
+
+    paths, _ = write_inputs(tmp_path / "in", np.random.default_rng(8), n_pool=40)
+    real = worker.write_parquet
+
+    def full_at_shard_3(table, path, *a, **k):
+        if "part-00003" in str(path):
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real(table, path, *a, **k)
+
+    monkeypatch.setattr(worker, "write_parquet", full_at_shard_3)
+    out = tmp_path / "out"
+    assert main(score_args(paths, out, "--shard-rows", 7)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no space left on the device writing" in err[0] and "part-00003" in err[0]
+    monkeypatch.setattr(worker, "write_parquet", real)
+    assert main(score_args(paths, out, "--shard-rows", 7)) == 0
+    assert main(score_args(paths, tmp_path / "clean", "--shard-rows", 7)) == 0
+    for name in ("scores.parquet", "selection.parquet"):
+        assert pq.read_table(out / name).equals(pq.read_table(tmp_path / "clean" / name)), name
+
+
+def test_work_lost_past_every_retry_is_one_line(tmp_path, capsys, monkeypatch):
+    from ray.exceptions import ActorDiedError
+
+    paths, _ = write_inputs(tmp_path / "in", np.random.default_rng(8), n_pool=40)
+
+    def lost(*a, **k):
+        raise ActorDiedError()
+
+    monkeypatch.setattr("hnal_ray.score.job.run_score", lost)
+    assert main(score_args(paths, tmp_path / "out")) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "the Ray cluster lost work it could not redo (ActorDiedError" in err[0]
