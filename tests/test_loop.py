@@ -187,3 +187,27 @@ def test_an_impossible_budget_is_refused_before_round_0(smoke, tmp_path):
     r = loop(tmp_path / "out", sets + ["--set", "budget=1000000000000"])
     assert r.returncode == 2 and "budget 1000000000000 is larger than the pool can be" in r.stderr, r.stderr[-2000:]
     assert not list((tmp_path / "out").glob("*/seed-*/round-*/state.json"))
+
+
+def test_sigterm_mid_loop_is_one_line_exit_143_and_resumes(smoke, tmp_path):
+    """Issue 23 (10): SIGTERM to a loop whose rounds run as Ray tasks (a scheduler, `kill`, a
+    container stop): the last line is ours, exit 143, no stack dump from Ray; the same command then
+    finishes with the numbers of an undisturbed run."""
+    import time
+
+    root, sets, _ = smoke
+    out = tmp_path / "out"
+    proc = subprocess.Popen(loop_cmd(out, sets + ["--set", "concurrency=2"]), cwd=REPO, stderr=subprocess.PIPE,
+                            stdout=subprocess.DEVNULL, text=True, start_new_session=True)
+    end = time.time() + 300
+    while time.time() < end and not list(out.glob("*/seed-*/round-0/state.json")):
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    lines = [x for x in err.strip().splitlines() if x.strip()]
+    assert proc.returncode == 143, err[-3000:]
+    assert lines[-1] == "hnal loop: terminated (SIGTERM); re-run the same command to resume", err[-3000:]
+    assert "Traceback" not in err and "core_worker" not in err and "*** " not in err, err[-3000:]
+    again = loop(out, sets + ["--set", "concurrency=2"])
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert pq.read_table(out / "metrics.parquet").equals(pq.read_table(root / "out" / "metrics.parquet"))

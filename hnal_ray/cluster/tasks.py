@@ -59,8 +59,10 @@ class TaskPool:
         return [(self.running.pop(ref), _get(ref)) for ref in done]
 
     def cancel(self) -> None:
-        for ref in self.running:
-            ray.cancel(ref, force=True)
+        """Forget the queued and running work. The running tasks are not force-cancelled: Ray ends a
+        driver's tasks with the driver (its shutdown, or its process), and `ray.cancel(force=True)`
+        racing a task that is finishing aborts Ray 2.60's core worker ("Tried to complete task that
+        was not pending", exit 1 with a C++ stack dump in the user's terminal)."""
         self.running.clear()
         self.queue.clear()
 
