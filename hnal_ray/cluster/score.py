@@ -8,7 +8,7 @@ import time
 
 import numpy as np
 import ray
-from ray.exceptions import (ActorDiedError, NodeDiedError, ObjectLostError, RayActorError, RayTaskError,
+from ray.exceptions import (ActorDiedError, NodeDiedError, ObjectLostError, RayActorError,
                             WorkerCrashedError)
 
 from hnal_ray.config import ScoreConfig, ScoreInputs
@@ -17,7 +17,7 @@ from hnal_ray.score.job import run_score
 from hnal_ray.score.plan import cut_rows, side_tables
 from hnal_ray.score.worker import Anchors, ScoreTask, ScoreWorker, ShardResult, ShardSpec
 
-from hnal_ray.cluster.session import ray_session
+from hnal_ray.cluster.session import ray_get, ray_session
 
 log = logging.getLogger(__name__)
 LOST_CALL_ATTEMPTS = 8
@@ -44,16 +44,6 @@ class ScoreActor:
               part_path: str) -> ShardResult:
         res = self.worker.score(spec, task, anchors, thresholds, part_path)
         return dataclasses.replace(res, node=ray.get_runtime_context().get_node_id())
-
-
-def _get(refs):
-    """ray.get that turns a worker's InputError back into the plain error."""
-    try:
-        return ray.get(refs)
-    except RayTaskError as exc:
-        if isinstance(exc.cause, InputError):
-            raise exc.cause from None
-        raise
 
 
 def actor_resources(cfg: ScoreConfig, n_shards: int) -> dict:
@@ -107,7 +97,7 @@ class RayBackend:
             done, _ = ray.wait(list(pending), num_returns=1)
             slot, args, tries = pending.pop(done[0])
             try:
-                result = _get(done[0])
+                result = ray_get(done[0])
             except (RayActorError, NodeDiedError, WorkerCrashedError, ObjectLostError) as exc:
                 if tries + 1 >= LOST_CALL_ATTEMPTS:
                     raise

@@ -8,8 +8,23 @@ import signal
 import threading
 
 import ray
+from ray.exceptions import RayTaskError
+
+from hnal_ray.config import ConfigError
+from hnal_ray.io import InputError
 
 log = logging.getLogger(__name__)
+
+
+def ray_get(refs):
+    """ray.get that raises a task's or actor's InputError / ConfigError as itself (one line for the
+    user), any other failure as Ray reports it."""
+    try:
+        return ray.get(refs)
+    except RayTaskError as exc:
+        if isinstance(exc.cause, (InputError, ConfigError)):
+            raise exc.cause from None
+        raise
 
 
 @contextlib.contextmanager

@@ -11,10 +11,7 @@ import logging
 from typing import Any, Callable, Hashable
 
 import ray
-from ray.exceptions import RayTaskError
-
-from hnal_ray.config import ConfigError
-from hnal_ray.io import InputError
+from hnal_ray.cluster.session import ray_get
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +53,7 @@ class TaskPool:
             key, fn, args = self.queue.popleft()
             self.running[self._as_remote(fn).remote(*args)] = key
         done, _ = ray.wait(list(self.running), num_returns=1)
-        return [(self.running.pop(ref), _get(ref)) for ref in done]
+        return [(self.running.pop(ref), ray_get(ref)) for ref in done]
 
     def cancel(self) -> None:
         """Forget the queued and running work. The running tasks are not force-cancelled: Ray ends a
@@ -72,11 +69,3 @@ class TaskPool:
                                                       max_retries=self.max_retries)
         return self._remote[fn]
 
-
-def _get(ref):
-    try:
-        return ray.get(ref)
-    except RayTaskError as exc:
-        if isinstance(exc.cause, (InputError, ConfigError)):
-            raise exc.cause from None
-        raise

@@ -1,4 +1,4 @@
-"""Cluster quotas for diverse selection: the one merge step that spreads the budget over the
+"""Cluster quotas for diverse selection: the merge that spreads the budget over the
 clusters of `hnal_ray.score.kmeans`, and TypiClust's typicality within a cluster.
 
 Picks are ordered round-robin over clusters: an item's key is its rank within its cluster divided

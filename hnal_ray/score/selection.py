@@ -1,4 +1,4 @@
-"""Ranking and top-B selection with the SPEC's tie-breaks; the one merge step for shards."""
+"""Ranking and top-B selection with the SPEC's tie-breaks; the merge of the shards' top-B lists."""
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -60,7 +60,7 @@ def negative_topk(anchor_emb: np.ndarray, anchor_group: np.ndarray, key_emb: np.
 
 
 def merge_topk(parts: list[np.ndarray], k: int) -> np.ndarray:
-    """Merge per-shard (n_a, k) descending top-k lists into the global one. The one merge step."""
+    """Merge per-shard (n_a, k) descending top-k lists into the global one."""
     vals = np.concatenate(parts, axis=1)
     return -np.sort(-vals, axis=1)[:, :k]
 
