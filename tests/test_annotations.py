@@ -250,3 +250,31 @@ train: {{epochs: 2, batch_size: 16, warmup_epochs: 1, model: {{hidden: 32, embed
     assert caps.num_rows == base.num_rows + len(written)
     assert main(["data", "check", str(tmp_path / "data2")]) == 0
     assert main(["annotations", "export", "--run", str(run), "--out", str(tmp_path / "data2")]) == 2  # not empty
+
+
+def test_label_studio_sdk_exports_import(tmp_path):
+    """Issue 21: files written by Label Studio's own converter (label-studio-sdk): a project made of
+    our config and tasks, annotated (two captions for one image, one caption with a comma and a
+    quote), exported as CSV and JSON_MIN by the SDK, then read and validated as `hnal annotations
+    import` reads them."""
+    converter = pytest.importorskip("label_studio_sdk.converter")
+    data = tmp_path / "data"
+    import_data(make_imagefolder(tmp_path / "src", 20), data)
+    out = write_to_annotate(data, np.array([4, 1, 7]), tmp_path / "to_annotate", "a title")
+    texts = {1: ["a red square, \"big\""], 4: ["a blue circle", "a round blue shape"], 7: ["a green triangle"]}
+    export = []
+    for n, task in enumerate(json.loads((out / "label_studio_tasks.json").read_text())):
+        export.append({"id": 100 + n, "data": task["data"], "annotations": [{"id": n, "completed_by": 1,
+                       "result": [{"id": f"r{n}", "from_name": "caption", "to_name": "image", "type": "textarea",
+                                   "value": {"text": texts[task["data"]["image_id"]]}}]}]})
+    (tmp_path / "export.json").write_text(json.dumps(export))
+    conv = converter.Converter((out / "label_studio_config.xml").read_text(), str(tmp_path), download_resources=False)
+    want = sorted((i, t) for i, ts in texts.items() for t in ts)
+    for fmt, method in (("csv", conv.convert_to_csv), ("json_min", conv.convert_to_json_min)):
+        dest = tmp_path / fmt
+        method(str(tmp_path / "export.json"), str(dest), is_dir=False, **({"sep": ","} if fmt == "csv" else {}))
+        files = [p for p in dest.rglob("*") if p.is_file()]
+        assert len(files) == 1, files
+        caps = read_captions(files[0])
+        kept, missing = validate(caps, np.array([1, 4, 7]), np.arange(20), False, "R")
+        assert sorted((c.image_id, c.text) for c in kept) == want and len(missing) == 0, fmt
