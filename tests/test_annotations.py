@@ -278,3 +278,35 @@ def test_label_studio_sdk_exports_import(tmp_path):
         caps = read_captions(files[0])
         kept, missing = validate(caps, np.array([1, 4, 7]), np.arange(20), False, "R")
         assert sorted((c.image_id, c.text) for c in kept) == want and len(missing) == 0, fmt
+
+
+def test_contact_sheet_in_a_real_browser(tmp_path):
+    """Issue 21 (12): index.html opened in headless Chromium: type captions (several lines for one
+    image, a comma, quotes, non-ASCII), press its save button, and the downloaded captions.csv is
+    read and validated as `hnal annotations import` reads it."""
+    import shutil
+
+    sync_api = pytest.importorskip("playwright.sync_api")
+    browser_path = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser_path is None:
+        pytest.skip("no chromium on this machine (apt-get install chromium)")
+    data = tmp_path / "data"
+    import_data(make_imagefolder(tmp_path / "src", 20), data)
+    out = write_to_annotate(data, np.array([4, 1, 7]), tmp_path / "to_annotate", "a title")
+    typed = {1: 'a red square, "big"\n\n  café sign  ', 4: "a blue circle\na round blue shape", 7: "a green triangle"}
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=browser_path, args=["--no-sandbox"])
+        page = browser.new_page(accept_downloads=True)
+        page.goto((out / "index.html").as_uri())
+        assert page.locator("img").count() == 3
+        for image_id, text in typed.items():
+            page.fill(f"textarea[data-image-id='{image_id}']", text)
+        with page.expect_download() as dl:
+            page.click("#save")
+        assert dl.value.suggested_filename == "captions.csv"
+        dl.value.save_as(tmp_path / "captions.csv")
+        browser.close()
+    kept, missing = validate(read_captions(tmp_path / "captions.csv"), np.array([1, 4, 7]), np.arange(20), False, "R")
+    assert sorted((c.image_id, c.text) for c in kept) == [
+        (1, 'a red square, "big"'), (1, "café sign"), (4, "a blue circle"), (4, "a round blue shape"),
+        (7, "a green triangle")] and len(missing) == 0
