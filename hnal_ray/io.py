@@ -20,6 +20,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+log = logging.getLogger(__name__)
+
 
 NORMALISE_ROWS = 8192
 STREAM_BUFFER = 8 << 20  # bytes read ahead per stream: pages are decoded as batches are taken
@@ -383,3 +385,25 @@ def embedding_array(emb: np.ndarray) -> pa.Array:
         return pa.LargeListArray.from_arrays(pa.array(np.arange(0, n * d + 1, d, dtype=np.int64)),
                                              pa.array(emb.reshape(-1)))
     return pa.ListArray.from_arrays(pa.array(np.arange(0, n * d + 1, d, dtype=np.int32)), pa.array(emb.reshape(-1)))
+
+
+def read_text(path: Path) -> str:
+    """A text file as spreadsheets and editors save it: UTF-8 with or without Excel's byte-order
+    mark, else Windows-1252 (Excel's "CSV" on Western Windows), told in the log; a file that is not
+    text (a NUL byte, or bytes no encoding here maps) is one error naming the line."""
+    data = path.read_bytes()
+    if b"\x00" in data:
+        line = data[:data.index(b"\x00")].count(b"\n") + 1
+        raise InputError(f"{path}: line {line}: not a text file (a NUL byte; save it as CSV UTF-8)")
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        utf8_error = exc
+    try:
+        text = data.decode("cp1252")
+    except UnicodeDecodeError:
+        line = data[:utf8_error.start].count(b"\n") + 1
+        raise InputError(f"{path}: line {line}: not UTF-8 text, nor Windows-1252 (byte 0x{data[utf8_error.start]:02x}); "
+                         f"save it as CSV UTF-8") from None
+    log.warning("%s: not UTF-8; read as Windows-1252 (from byte %d)", path, utf8_error.start)
+    return text

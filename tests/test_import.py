@@ -238,3 +238,23 @@ def test_a_file_that_is_not_an_image_is_named(tmp_path, capsys):
     assert main(["data", "import", str(src), "--pool", str(pool), "--out", str(tmp_path / "data")]) == 0
     err = capsys.readouterr().err
     assert f"skipped {pool / 'notes.txt'}: not an image file (extension .txt" in err and "skipped 1 file(s)" in err
+
+
+@pytest.mark.parametrize("encoding", ["utf-8-sig", "cp1252"])
+def test_metadata_csv_as_spreadsheets_save_it(tmp_path, encoding, caplog):
+    """Issue 21: a metadata.csv saved by Excel (byte-order mark; or Windows-1252 with a non-ASCII
+    caption) and a field longer than csv's default limit are imported, captions intact."""
+    import csv as csv_mod
+
+    src = make_imagefolder(tmp_path / "src", 6, meta="csv")
+    rows = list(csv_mod.DictReader((src / "metadata.csv").open(newline="")))
+    rows[0]["text"] = "café crème, brûlée"
+    rows[1]["text"] = "long " + "x" * 200_000
+    with (src / "metadata.csv").open("w", newline="", encoding=encoding) as f:
+        w = csv_mod.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    import_data(src, tmp_path / "out")
+    texts = pq.read_table(tmp_path / "out" / "captions.parquet")["text"].to_pylist()
+    assert "café crème, brûlée" in texts and any(t.startswith("long xxx") and len(t) > 200_000 for t in texts)
+    assert ("read as Windows-1252" in caplog.text) == (encoding == "cp1252")

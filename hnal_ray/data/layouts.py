@@ -5,7 +5,9 @@ tar shards (`.jpg`/`.png` + `.txt`), and plain image folders (unpaired images)."
 from __future__ import annotations
 
 import csv
+import io
 import json
+import sys
 import tarfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -15,7 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from hnal_ray.data.contract import SPLITS
-from hnal_ray.io import InputError
+from hnal_ray.io import InputError, read_text
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 PARQUET_IMAGE_COLUMNS = ("image", "jpg", "jpeg", "png", "webp")
@@ -87,7 +89,7 @@ def _captions(value, where: str) -> list[str]:
 def _metadata_rows(src: Path) -> Iterator[tuple[str, dict]]:
     if (src / "metadata.jsonl").is_file():
         f = src / "metadata.jsonl"
-        for n, line in enumerate(f.read_text(encoding="utf-8").splitlines(), start=1):
+        for n, line in enumerate(read_text(f).splitlines(), start=1):
             if not line.strip():
                 continue
             try:
@@ -98,10 +100,10 @@ def _metadata_rows(src: Path) -> Iterator[tuple[str, dict]]:
                 raise InputError(f"{f}: line {n}: expected a JSON object")
             yield f"{f}: line {n}", row
         return
-    f = src / "metadata.csv"
-    with f.open(newline="", encoding="utf-8") as fh:
-        for n, row in enumerate(csv.DictReader(fh), start=2):
-            yield f"{f}: line {n}", row
+    f = src / "metadata.csv"  # as spreadsheets save it: a byte-order mark, Windows-1252, long fields
+    csv.field_size_limit(sys.maxsize)
+    for n, row in enumerate(csv.DictReader(io.StringIO(read_text(f), newline="")), start=2):
+        yield f"{f}: line {n}", row
 
 
 def read_imagefolder(src: Path, skip: Callable[[str, str], None]) -> Iterator[Record]:

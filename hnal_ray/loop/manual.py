@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 
 from hnal_ray.data.contract import image_column
 from hnal_ray.data.images import ImageError, thumbnail_png
-from hnal_ray.io import InputError, read_json, write_json, write_parquet
+from hnal_ray.io import InputError, read_json, read_text, write_json, write_parquet
 
 log = logging.getLogger(__name__)
 LABEL_STUDIO_CONFIG = """<View>
@@ -152,28 +152,6 @@ def read_captions(path: str | Path) -> list[Caption]:
     if suffix == ".json":
         return _read_label_studio(path)
     raise InputError(f"{path}: expected a .csv, .jsonl or Label Studio .json export")
-
-
-def read_text(path: Path) -> str:
-    """A text file as spreadsheets and editors save it: UTF-8 with or without Excel's byte-order
-    mark, else Windows-1252 (Excel's "CSV" on Western Windows), told in the log; a file that is not
-    text (a NUL byte, or bytes no encoding here maps) is one error naming the line."""
-    data = path.read_bytes()
-    if b"\x00" in data:
-        line = data[:data.index(b"\x00")].count(b"\n") + 1
-        raise InputError(f"{path}: line {line}: not a text file (a NUL byte; save it as CSV UTF-8)")
-    try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        utf8_error = exc
-    try:
-        text = data.decode("cp1252")
-    except UnicodeDecodeError:
-        line = data[:utf8_error.start].count(b"\n") + 1
-        raise InputError(f"{path}: line {line}: not UTF-8 text, nor Windows-1252 (byte 0x{data[utf8_error.start]:02x}); "
-                         f"save it as CSV UTF-8") from None
-    log.warning("%s: not UTF-8; read as Windows-1252 (from byte %d)", path, utf8_error.start)
-    return text
 
 
 def _image_id(value, where: str) -> int:
