@@ -130,11 +130,18 @@ def cmd_data_emoji(a: argparse.Namespace) -> int:
 
 
 def cmd_data_import(a: argparse.Namespace) -> int:
-    from hnal_ray.data.importers import import_data
+    from hnal_ray.data.importers import append_data, import_data
 
     def skipped(where: str, why: str) -> None:
         print(f"skipped {where}: {why}", file=sys.stderr)
 
+    if a.append:
+        s = append_data(a.src, a.out, pool=a.pool, report_skip=skipped)
+        last = s["appended"][-1]
+        print(json.dumps({"out": a.out, "images": s["images"], "captions": s["captions"], "appended_images": last["images"],
+                          "appended_captions": last["captions"], "skipped": last["skipped"],
+                          "split": {k: s["check"][f"{k}_images"] for k in ("train", "val", "test")}}))
+        return 0
     s = import_data(a.src, a.out, pool=a.pool, seed=a.seed, fractions=a.fractions, report_skip=skipped)
     if s["skipped"]:
         print(f"hnal data import: skipped {s['skipped']} file(s)", file=sys.stderr)
@@ -290,6 +297,9 @@ def build_parser() -> argparse.ArgumentParser:
     im.add_argument("--out", required=True)
     im.add_argument("--seed", type=int, default=0, help="seed of the split when SRC gives none")
     im.add_argument("--fractions", type=_fractions, default=(0.8, 0.1, 0.1), help="train,val,test (default 0.8,0.1,0.1)")
+    im.add_argument("--append", action="store_true",
+                    help="add SRC (and --pool) to the folder --out, which hnal data import wrote: its ids, captions and "
+                         "splits are kept, new images get the next ids and its seeded split")
     im.set_defaults(func=cmd_data_import)
     ck = data.add_parser("check", help="validate a data folder against the contract (exit 0 valid, 2 not)")
     ck.add_argument("dir")

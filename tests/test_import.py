@@ -258,3 +258,43 @@ def test_metadata_csv_as_spreadsheets_save_it(tmp_path, encoding, caplog):
     texts = pq.read_table(tmp_path / "out" / "captions.parquet")["text"].to_pylist()
     assert "café crème, brûlée" in texts and any(t.startswith("long xxx") and len(t) > 200_000 for t in texts)
     assert ("read as Windows-1252" in caplog.text) == (encoding == "cp1252")
+
+
+def test_append_keeps_what_is_there_and_adds_the_rest(tmp_path, capsys):
+    """Issue 21: `hnal data import SRC --out OUT --append`: the folder's ids, captions and splits are
+    untouched; new images take the next ids and the folder's seeded split; an image already there
+    (same bytes) keeps its id and split and gets the new captions; the same SRC again is skipped."""
+    from hnal_ray.data.splits import assign_split
+
+    first = make_imagefolder(tmp_path / "a", 20, n_unlisted=2)
+    out = tmp_path / "data"
+    assert main(["data", "import", str(first), "--out", str(out), "--seed", "2"]) == 0
+    before = {n: pq.read_table(out / f"{n}.parquet") for n in ("images", "captions", "split")}
+    more = make_imagefolder(tmp_path / "b", 6, seed=1)
+    shutil.copy(first / "images" / "img_0001.png", more / "images" / "again.png")  # same bytes as an image of a
+    with (more / "metadata.jsonl").open("a") as f:
+        f.write(json.dumps({"file_name": "images/again.png", "text": "the same picture, new words"}) + "\n")
+    capsys.readouterr()
+    assert main(["data", "import", str(more), "--out", str(out), "--append"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    after = {n: pq.read_table(out / f"{n}.parquet") for n in ("images", "captions", "split")}
+    for n, t in before.items():
+        assert after[n].slice(0, t.num_rows).select(t.column_names).equals(t), n
+    new = after["images"].slice(before["images"].num_rows)
+    first_new = before["images"]["image_id"].to_numpy().max() + 1
+    assert new["image_id"].to_pylist() == list(range(first_new, first_new + 6)) and printed["appended_images"] == 6
+    old_id = before["images"].filter(pa.compute.match_substring(before["images"]["path"], "img_0001"))["image_id"][0].as_py()
+    added = after["captions"].slice(before["captions"].num_rows)
+    assert "the same picture, new words" in added.filter(pa.compute.equal(added["image_id"], old_id))["text"].to_pylist()
+    assert added["text_id"].to_numpy().min() == before["captions"]["text_id"].to_numpy().max() + 1
+    want = assign_split([g if g is not None else f"image:{i}" for i, g in zip(new["image_id"].to_pylist(),
+                                                                             new["group"].to_pylist())], 2, (0.8, 0.1, 0.1))
+    assert after["split"].slice(before["split"].num_rows)["split"].to_pylist() == want
+    check_data_dir(out)
+    summary = json.loads((out / "summary.json").read_text())
+    assert main(["data", "import", str(more), "--out", str(out), "--append"]) == 0  # again: skipped
+    assert json.loads((out / "summary.json").read_text()) == summary
+    (tmp_path / "foreign").mkdir()
+    (tmp_path / "foreign" / "x.txt").write_text("x")
+    assert main(["data", "import", str(more), "--out", str(tmp_path / "foreign"), "--append"]) == 2
+    assert "--append adds to a folder of images that hnal data import wrote" in capsys.readouterr().err

@@ -49,7 +49,7 @@ def source_fingerprint(*paths: Path | None) -> str:
 class _Images:
     """Streams image rows into images.parquet (bounded memory), remembering ids, groups and hashes."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, first_id: int = 0):
         self.schema = pa.schema([("image_id", pa.int64()), ("image", pa.binary()), ("group", pa.string()),
                                  ("path", pa.string())])
         self.writer = pq.ParquetWriter(path, self.schema)
@@ -57,9 +57,10 @@ class _Images:
         self.ids: list[int] = []
         self.groups: list[str | None] = []
         self.paths: list[str] = []
+        self.first_id = first_id
 
     def add(self, rec: Record) -> int:
-        image_id = len(self.ids)
+        image_id = self.first_id + len(self.ids)
         self.ids.append(image_id)
         self.groups.append(rec.group)
         self.paths.append(rec.path)
@@ -182,7 +183,7 @@ def _import_images(src: Path, layout: str, pool: Path | None, pool_layout: str |
 
 
 def _splits(ids: np.ndarray, captioned: np.ndarray, groups: list, given: list, seed: int, fractions,
-            paths: list[str]) -> list[str]:
+            paths: list[str], require_val_test: bool = True) -> list[str]:
     """Given splits (all captioned images have one, or none has; unpaired images are always train),
     else a seeded split by group (an image without a group is its own group)."""
     has_split = [g is not None for g, c in zip(given, captioned) if c]
@@ -193,7 +194,7 @@ def _splits(ids: np.ndarray, captioned: np.ndarray, groups: list, given: list, s
     keys = [g if g is not None else f"image:{i}" for i, g in zip(ids.tolist(), groups)]
     hashed = assign_split(keys, seed, fractions)
     out = ["train" if not has else (given[i] or hashed[i]) for i, has in enumerate(captioned)]
-    if not any(has_split):
+    if not any(has_split) and require_val_test:
         for name in ("val", "test"):
             if name not in {s for s, has in zip(out, captioned) if has}:
                 n = len({k for k, has in zip(keys, captioned) if has})
@@ -231,3 +232,117 @@ def _import_embeddings(src: Path, tmp: Path, seed: int, fractions) -> dict:
     split = _splits(ids, captioned, groups, given, seed, fractions, [f"{img_path}: row {r}" for r in range(len(ids))])
     write_parquet(pa.table({"image_id": ids, "split": split}), tmp / "split.parquet")
     return {"images": len(ids), "captions": caps.num_rows, "unpaired_images": int((~captioned).sum())}
+
+
+def append_data(src: str | Path, out: str | Path, pool: str | Path | None = None,
+                report_skip: Callable[[str, str], None] | None = None) -> dict:
+    """`hnal data import SRC --out OUT --append`: add SRC's images and captions (and an unpaired
+    `pool`) to a folder `hnal data import` wrote. Existing ids, captions and splits are kept; new
+    images get the next ids and a split by the folder's own seed and fractions (or the one SRC
+    gives); an image already in the folder (same bytes) keeps its id and split and gets SRC's
+    captions. The new folder is written under a temporary name and swapped in when complete; the
+    same SRC appended again is skipped."""
+    src, out = Path(src), Path(out)
+    pool = Path(pool) if pool is not None else None
+    previous = out.with_name(f".{out.name}.previous")
+    if previous.exists() and not out.exists():  # interrupted between the two renames of the swap
+        os.replace(previous, out)
+    shutil.rmtree(previous, ignore_errors=True)
+    summary_file = out / "summary.json"
+    done = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
+    if done.get("builder") != IMPORTED_BY or done.get("config", {}).get("layout") == "embeddings":
+        raise InputError(f"{out}: --append adds to a folder of images that hnal data import wrote (this one "
+                         f"is {'embeddings' if done.get('builder') == IMPORTED_BY else 'not such a folder'})")
+    layout = detect_layout(src)
+    pool_layout = detect_layout(pool) if pool is not None else None
+    if "embeddings" in (layout, pool_layout):
+        raise InputError(f"{src if layout == 'embeddings' else pool}: precomputed embeddings cannot be appended "
+                         f"to a folder of images")
+    entry = {"src": str(src.resolve()), "pool": str(pool.resolve()) if pool else None, "layout": layout,
+             "pool_layout": pool_layout, "sources": source_fingerprint(src, pool)}
+    if any({k: v for k, v in a.items() if k in entry} == entry for a in done.get("appended", [])):
+        log.info("%s already holds %s; skipping", out, src)
+        return done
+    seed, fractions = done["config"]["seed"], tuple(done["config"]["fractions"])
+    skipped: list[tuple[str, str]] = []
+
+    def skip(where: str, why: str) -> None:
+        skipped.append((where, why))
+        (report_skip or (lambda w, y: log.warning("skipped %s: %s", w, y)))(where, why)
+
+    old_captions = pq.read_table(out / "captions.parquet")
+    old_split = pq.read_table(out / "split.parquet")
+    old_ids = old_split["image_id"].to_numpy()
+    tmp = out.with_name(f".{out.name}.appending")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        seen: dict[str, tuple[str, int]] = {}
+        images = _Images(tmp / "images.parquet", first_id=int(old_ids.max()) + 1 if len(old_ids) else 0)
+        pf = pq.ParquetFile(out / "images.parquet")
+        for rg in range(pf.num_row_groups):  # the folder's rows first, unchanged, one row group at a time
+            t = pf.read_row_group(rg)
+            images.writer.write_table(t.select(images.schema.names).cast(images.schema))
+            for image_id, data, path in zip(t["image_id"].to_pylist(), t["image"].to_pylist(),
+                                            t["path"].to_pylist() if "path" in t.column_names else [""] * t.num_rows):
+                seen.setdefault(hashlib.sha256(data).hexdigest(), (path or f"image {image_id}", image_id))
+        new_text: list[tuple[int, str]] = []
+        given: list[str | None] = []
+        sources = [(READERS[layout](src, skip), False)] + ([(READERS[pool_layout](pool, skip), True)] if pool else [])
+        try:
+            for records, is_pool in sources:
+                for rec in records:
+                    try:
+                        open_rgb(rec.data)
+                    except ImageError as exc:
+                        skip(rec.path, str(exc))
+                        continue
+                    digest = hashlib.sha256(rec.data).hexdigest()
+                    if digest in seen:
+                        first, image_id = seen[digest]
+                        if is_pool or not rec.captions:
+                            skip(rec.path, f"already in the folder (same bytes as {first})")
+                            continue
+                        skip(rec.path, f"same bytes as {first}: its {len(rec.captions)} caption(s) go to that image")
+                    else:
+                        if is_pool:
+                            rec.captions, rec.split = [], None
+                        image_id = images.add(rec)
+                        seen[digest] = (rec.path, image_id)
+                        given.append(rec.split)
+                    new_text += [(image_id, text) for text in rec.captions]
+        finally:
+            images.close()
+        first_text = int(old_captions["text_id"].to_numpy().max()) + 1 if old_captions.num_rows else 0
+        added = pa.table({"text_id": pa.array(np.arange(first_text, first_text + len(new_text)), pa.int64()),
+                          "image_id": pa.array([i for i, _ in new_text], pa.int64()),
+                          "text": pa.array([t for _, t in new_text], pa.string())})
+        write_parquet(pa.concat_tables([old_captions.select(added.column_names).cast(added.schema), added]),
+                      tmp / "captions.parquet")
+        ids = np.asarray(images.ids, np.int64)
+        split = _splits(ids, np.isin(ids, added["image_id"].to_numpy()), images.groups, given, seed, fractions,
+                        images.paths, require_val_test=False) if len(ids) else []
+        write_parquet(pa.concat_tables([old_split.select(["image_id", "split"]).cast(
+            pa.schema([("image_id", pa.int64()), ("split", pa.string())])),
+            pa.table({"image_id": pa.array(ids, pa.int64()), "split": pa.array(split, pa.string())})]),
+            tmp / "split.parquet")
+        summary = dict(done)
+        summary["appended"] = done.get("appended", []) + [entry | {"images": len(ids), "captions": len(new_text),
+                                                                   "skipped": len(skipped)}]
+        summary["images"] = int(len(old_ids) + len(ids))
+        summary["captions"] = int(old_captions.num_rows + len(new_text))
+        try:
+            summary["check"] = check_data_dir(tmp)
+        except InputError as exc:
+            raise InputError(str(exc).replace(str(tmp), str(out))) from None
+        summary["unpaired_images"] = summary["check"]["unpaired_images"]
+        write_json(summary, tmp / "summary.json")
+        os.replace(out, previous)
+        os.replace(tmp, out)
+        shutil.rmtree(previous, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("appended %d images, %d captions (%d skipped) from %s -> %s", len(ids), len(new_text), len(skipped),
+             src, out)
+    return summary
