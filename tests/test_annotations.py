@@ -192,6 +192,11 @@ train: {{epochs: 2, batch_size: 16, warmup_epochs: 1, model: {{hidden: 32, embed
     csv_file = fill(r1["random"] / "to_annotate" / "selected.csv", tmp_path / "random.csv", captions_per_image=2)
     assert main(["annotations", "import", str(csv_file), "--run", str(run), "--round", "random/seed-0/round-1"]) == 0
     ls = label_studio_export(r1["hard"] / "to_annotate" / "label_studio_tasks.json", tmp_path / "ls.json")
+    from label_studio_sdk.converter import Converter  # the JSON_MIN file Label Studio's own converter writes
+
+    Converter((r1["hard"] / "to_annotate" / "label_studio_config.xml").read_text(), str(tmp_path),
+              download_resources=False).convert_to_json_min(str(ls), str(tmp_path / "min"), is_dir=False)
+    ls = next(p for p in (tmp_path / "min").rglob("*") if p.is_file())
     assert main(["annotations", "import", str(ls), "--run", str(run)]) == 0  # the one round left waiting
     assert main(["annotations", "import", str(ls), "--run", str(run)]) == 2  # nothing waits any more
 
