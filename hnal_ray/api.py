@@ -13,7 +13,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from hnal_ray.config import ScoreConfig, ScoreInputs
+from hnal_ray.config import ConfigError, ScoreConfig, ScoreInputs
 from hnal_ray.data.features import FeatureSet, load_features
 from hnal_ray.io import InputError, embedding_array, write_parquet
 
@@ -38,17 +38,12 @@ class Selection:
 
 
 def select(paired_images: TableLike, paired_texts: TableLike, pool: TableLike, budget: int,
-           strategy: str = "hard-negative", *, weight: str = "surplus", k: int = 1,
-           threshold_batch: int | None = None, side: str = "image", seed: int = 0, shards: int = 0,
-           address: str | None = None, device: str = "auto", block_pool: int = 4096, block_anchor: int = 1024,
-           clusters: int = 0, quota: str = "equal", within: str = "hardest", cluster_sample: int = 262144,
-           wait: bool = False, out: str | os.PathLike | None = None, shard_rows: int = 1_000_000,
-           stream_rows: int = 65536, precision: str = "fp32", candidates: int = 0,
-           max_points_per_centroid: int = 32, fit_iters: int = 2, max_clusters: int = 0, min_cluster_size: int = 0,
-           typical_cap: int = 1000, support: int = 65536, purity: float = 0.95,
-           bandwidth: float = 0.0) -> Selection:
+           strategy: str = "hard-negative", *, out: str | os.PathLike | None = None, **options) -> Selection:
     """Score `pool` against the paired set and select the top `budget` items (`hnal score`).
 
+    `options` are `ScoreConfig`'s fields (the `hnal score` options, same names with underscores:
+    weight, k, threshold_batch, side, seed, shards, clusters, quota, within, ...; see
+    `help(hnal_ray.config.ScoreConfig)` or `hnal score --help`), with the same defaults.
     Each input is a Parquet path (file or directory), a pyarrow Table, or a mapping of column name
     to array in the input contract, e.g. `{"image_id": ids, "embedding": emb}` with `emb` an
     (n, d) array (see README, `hnal score`). `shards=0` runs in this process; `shards=N` runs N Ray
@@ -60,14 +55,11 @@ def select(paired_images: TableLike, paired_texts: TableLike, pool: TableLike, b
     Bad input raises `InputError` (naming the file, or the argument for in-memory inputs) and bad
     options `ConfigError`, as the command line reports them.
     """
-    cfg = ScoreConfig(budget=budget, strategy=strategy, weight=weight, k=k, threshold_batch=threshold_batch,
-                      side=side, seed=seed, shards=shards, address=address, device=device,
-                      block_pool=block_pool, block_anchor=block_anchor, clusters=clusters, quota=quota,
-                      within=within, cluster_sample=cluster_sample, wait=wait, shard_rows=shard_rows,
-                      stream_rows=stream_rows, precision=precision, candidates=candidates,
-                      max_points_per_centroid=max_points_per_centroid, fit_iters=fit_iters,
-                      max_clusters=max_clusters, min_cluster_size=min_cluster_size, typical_cap=typical_cap,
-                      support=support, purity=purity, bandwidth=bandwidth)
+    known = {f.name for f in dataclasses.fields(ScoreConfig)}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise ConfigError(f"select: unknown option(s) {unknown} (options are ScoreConfig's fields: {sorted(known)})")
+    cfg = ScoreConfig(budget=budget, strategy=strategy, **options)
     scratch = Path(tempfile.mkdtemp(prefix="hnal-select-"))
     try:
         named = {}

@@ -10,7 +10,7 @@ import signal
 import sys
 import threading
 
-from hnal_ray.config import QUOTAS, STRATEGIES, WITHIN, ConfigError
+from hnal_ray.config import ConfigError
 from hnal_ray.io import InputError
 
 
@@ -42,73 +42,45 @@ def _workers(v: str) -> int | str:
         raise argparse.ArgumentTypeError(f"expected 'auto' or an integer, got {v!r}") from None
 
 
+def add_config_args(p: argparse.ArgumentParser, config, skip: tuple[str, ...] = ()) -> None:
+    """One option per field of a config dataclass, as `opt` declared it (help, choices, default)."""
+    import dataclasses
+
+    for f in dataclasses.fields(config):
+        if f.name in skip:
+            continue
+        flag, meta = "--" + f.name.replace("_", "-"), f.metadata
+        required = f.default is dataclasses.MISSING
+        kw = {"help": meta.get("help")} | ({"required": True} if required else {"default": f.default})
+        if meta.get("cli") == "threshold_batch":
+            p.add_argument(flag, type=_threshold_batch, metavar="{full,N}", **kw)
+        elif f.type in ("bool", bool):
+            p.add_argument(flag, action="store_true", help=kw["help"])
+        elif meta.get("choices"):
+            p.add_argument(flag, choices=list(meta["choices"]), **kw)
+        else:
+            kind = {"int": int, "float": float}.get(str(f.type), str)
+            p.add_argument(flag, type=kind, **kw)
+
+
 def add_score_args(p: argparse.ArgumentParser) -> None:
+    from hnal_ray.config import ScoreConfig
+
     p.add_argument("--paired-images", required=True, help="Parquet file/dir: image_id, embedding")
     p.add_argument("--paired-texts", required=True, help="Parquet file/dir: text_id, image_id, embedding")
     p.add_argument("--pool", required=True, help="Parquet file/dir: image_id (or text_id), embedding")
-    p.add_argument("--budget", type=int, required=True, help="number of pool items to select")
-    p.add_argument("--strategy", default="hard-negative", choices=list(STRATEGIES),
-                   help="coverage: greedy hard negatives that discount the anchors earlier picks beat; probcover, "
-                        "maxherding: greedy coverage of the data (delta-balls, Gaussian kernel)")
-    p.add_argument("--weight", default="surplus", choices=["surplus", "counting"])
-    p.add_argument("--k", type=int, default=1, help="threshold = k-th hardest negative (Top-k)")
-    p.add_argument("--threshold-batch", type=_threshold_batch, default=None, metavar="{full,N}",
-                   help="full batch (default) or mini-batches of N pairs")
-    p.add_argument("--side", default="image", choices=["image", "text"])
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--shards", type=int, default=0, help="0: in-process; N: N Ray actors taking shards from a queue")
-    p.add_argument("--shard-rows", type=int, default=1_000_000, help="rows per shard: the unit of work and retry")
-    p.add_argument("--stream-rows", type=int, default=65536, help="rows read from Parquet at a time")
-    p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"],
-                   help="GEMM inputs; fp16/bf16 recompute undecided pairs in float64 (exact; for tensor cores)")
-    p.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS or an embedded Ray)")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--clusters", type=int, default=0,
-                   help="cluster strategy: k-means clusters (0: the budget; quota uncovered: paired items + budget)")
-    p.add_argument("--quota", default="equal", choices=list(QUOTAS),
-                   help="cluster strategy: picks per cluster; uncovered (TypiClust): pool and paired items "
-                        "clustered together, the best item of each cluster without a paired item first, "
-                        "largest first")
-    p.add_argument("--within", default="hardest", choices=list(WITHIN),
-                   help="cluster strategy: the hardest items of each cluster, random ones (the control), the "
-                        "most central (nearest the centre), or the most typical (TypiClust's kNN density; with "
-                        "--quota uncovered)")
-    p.add_argument("--cluster-sample", type=int, default=262144,
-                   help="cluster strategy: most items the driver's FAISS start of the k-means sees")
-    p.add_argument("--max-points-per-centroid", type=int, default=32,
-                   help="cluster strategy: the k-means fit sample, at most this many items per cluster")
-    p.add_argument("--fit-iters", type=int, default=2,
-                   help="cluster strategy: exact Lloyd steps over the fit sample on the workers (checkpointed)")
-    p.add_argument("--max-clusters", type=int, default=0, help="cluster strategy: cap on k (0: none; TypiClust 500)")
-    p.add_argument("--min-cluster-size", type=int, default=0,
-                   help="quota uncovered: clusters of at most this many items are visited last (TypiClust 5)")
-    p.add_argument("--typical-cap", type=int, default=1000,
-                   help="within typical: a larger cluster's typicality uses a seeded sample of about this many")
-    p.add_argument("--candidates", type=int, default=0,
-                   help="coverage, probcover, maxherding: best items per shard sent to the greedy first (0: 4 x budget)")
-    p.add_argument("--support", type=int, default=65536,
-                   help="probcover, maxherding: most items (pool and paired, a seeded sample) whose coverage counts")
-    p.add_argument("--purity", type=float, default=0.95,
-                   help="probcover: delta is the largest radius with pure balls around this share of the support")
-    p.add_argument("--bandwidth", type=float, default=0.0,
-                   help="maxherding: the Gaussian kernel's sigma (0: median distance to the 20th nearest neighbour)")
-    p.add_argument("--block-pool", type=int, default=4096)
-    p.add_argument("--block-anchor", type=int, default=1024)
+    add_config_args(p, ScoreConfig)
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--wait", action="store_true", help="wait for another run writing the same --out")
 
 
 def cmd_score(a: argparse.Namespace) -> int:
-    from hnal_ray.api import select
+    import dataclasses
 
-    res = select(a.paired_images, a.paired_texts, a.pool, a.budget, a.strategy, weight=a.weight, k=a.k,
-                 threshold_batch=a.threshold_batch, side=a.side, seed=a.seed, shards=a.shards, address=a.address,
-                 device=a.device, block_pool=a.block_pool, block_anchor=a.block_anchor, clusters=a.clusters,
-                 quota=a.quota, within=a.within, cluster_sample=a.cluster_sample, wait=a.wait, candidates=a.candidates,
-                 max_points_per_centroid=a.max_points_per_centroid, fit_iters=a.fit_iters,
-                 max_clusters=a.max_clusters, min_cluster_size=a.min_cluster_size, typical_cap=a.typical_cap,
-                 out=a.out, shard_rows=a.shard_rows, stream_rows=a.stream_rows, precision=a.precision,
-                 support=a.support, purity=a.purity, bandwidth=a.bandwidth)
+    from hnal_ray.api import select
+    from hnal_ray.config import ScoreConfig
+
+    options = {f.name: getattr(a, f.name) for f in dataclasses.fields(ScoreConfig)}
+    res = select(a.paired_images, a.paired_texts, a.pool, out=a.out, **options)
     print(json.dumps({"out": a.out, "selected": res.summary["counts"]["selected"],
                       "pairs_per_second": round(res.summary["pairs_per_second"])}))
     return 0

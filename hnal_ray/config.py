@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 STRATEGIES = ("hard-negative", "random", "coreset", "cluster", "coverage", "probcover", "maxherding")
 HERDING = ("probcover", "maxherding")  # greedy generalized coverage of a support sample (score/herding.py)
@@ -14,6 +14,15 @@ PRECISIONS = ("fp32", "fp16", "bf16")
 
 class ConfigError(ValueError):
     """A bad option value; the message names the option."""
+
+
+def opt(default, help: str, choices: tuple | None = None, cli: str | None = None):
+    """A config field declared once: its default, its help and its choices, from which the command
+    line (`cli.add_config_args`), the Python API (`api.select`) and the run key are derived.
+    `dataclasses.MISSING` marks a required option. `cli` names a special command-line parser
+    (`threshold_batch`: 'full' or an integer)."""
+    meta = {"help": help, "choices": choices, "cli": cli}
+    return field(metadata=meta) if default is dataclasses.MISSING else field(default=default, metadata=meta)
 
 
 @dataclass(frozen=True)
@@ -29,51 +38,47 @@ class ScoreInputs:
 class ScoreConfig:
     """What `hnal score` computes. threshold_batch None = full batch, else the mini-batch size."""
 
-    budget: int
-    strategy: str = "hard-negative"
-    weight: str = "surplus"
-    k: int = 1
-    threshold_batch: int | None = None
-    side: str = "image"
-    seed: int = 0
-    shards: int = 0            # 0 = in-process (no Ray); N >= 1 = N Ray actors taking shards from a queue
-    shard_rows: int = 1_000_000  # pool (and paired-key) rows per shard: the unit of work, retry and resume
-    stream_rows: int = 65536   # rows a worker reads from Parquet at a time
-    address: str | None = None  # Ray cluster address; None = RAY_ADDRESS or an embedded Ray
-    device: str = "auto"
-    block_pool: int = 4096
-    block_anchor: int = 1024
-    clusters: int = 0              # cluster strategy: k-means clusters of the pool (0 = one per budget item;
-                                   # quota uncovered: one per paired item of the side plus one per budget item)
-    quota: str = "equal"           # cluster strategy: picks per cluster, equal, proportional to its size, or
-                                   # to its hard negatives (items beating >= 1 paired text: Cluster-Margin-like),
-                                   # or uncovered: TypiClust, pool and paired items clustered together, one
-                                   # item from each cluster without a paired item first, largest first
-    within: str = "hardest"        # cluster strategy: the hardest items of a cluster, random ones (the
-                                   # control), the most central (nearest the centre), or the most typical
-                                   # (TypiClust: densest among their nearest neighbours in the cluster)
-    cluster_sample: int = 262144   # cluster strategy: most items (pool and paired) the k-means start is
-                                   # fitted on in the driver (FAISS); a seeded share of the fit sample
-    max_points_per_centroid: int = 32  # cluster strategy: the fit sample is at most this many items per
-                                   # cluster, pool and paired in proportion to their counts
-    fit_iters: int = 2             # cluster strategy: exact Lloyd steps over the fit sample on the workers
-                                   # after the FAISS start (each checkpointed)
-    max_clusters: int = 0          # cluster strategy: at most this many clusters (0: no cap; TypiClust: 500)
-    min_cluster_size: int = 0      # quota uncovered: clusters of at most this many items (pool and paired)
-                                   # are visited after all others (TypiClust: 5)
-    typical_cap: int = 1000        # within typical: a larger cluster's typicality is computed on a seeded
-                                   # sample of about this many of its pool items
-    wait: bool = False             # wait for another run writing the same --out instead of refusing
-    candidates: int = 0            # coverage strategy: best items per shard sent to the driver's greedy at
-                                   # first (0: 4 x budget); 4x more until every pick is proved exact
-    support: int = 65536           # probcover/maxherding: most items (pool and paired, a seeded per-row
-                                   # sample) whose coverage is maximised
-    purity: float = 0.95           # probcover: delta is the largest radius whose balls are pure (one k-means
-                                   # cluster, k as --clusters/--max-clusters) around this share of the support
-    bandwidth: float = 0.0         # maxherding: the Gaussian kernel's sigma (0: the median distance from a
-                                   # support item to its 20th nearest neighbour)
-    precision: str = "fp32"        # GEMM inputs: fp32, or fp16/bf16 with exact float64 recomputation of the
-                                   # pairs their error bound cannot decide (same results; for tensor cores)
+    budget: int = opt(dataclasses.MISSING, "number of pool items to select")
+    strategy: str = opt("hard-negative", "coverage: greedy hard negatives that discount the anchors earlier picks "
+                        "beat; probcover, maxherding: greedy coverage of the data (delta-balls, Gaussian kernel)",
+                        STRATEGIES)
+    weight: str = opt("surplus", "the SPEC's weight of a beaten text", ("surplus", "counting"))
+    k: int = opt(1, "threshold = k-th hardest negative (Top-k)")
+    threshold_batch: int | None = opt(None, "full batch (default) or mini-batches of N pairs", cli="threshold_batch")
+    side: str = opt("image", "select pool images (against the paired texts) or pool texts", SIDES)
+    seed: int = opt(0, "seed of every random choice (random keys, mini-batches, k-means)")
+    shards: int = opt(0, "0: in-process; N: N Ray actors taking shards from a queue")
+    shard_rows: int = opt(1_000_000, "pool (and paired-key) rows per shard: the unit of work, retry and resume")
+    stream_rows: int = opt(65536, "rows a worker reads from Parquet at a time")
+    address: str | None = opt(None, "Ray address (default: RAY_ADDRESS or an embedded Ray)")
+    device: str = opt("auto", "where the kernels run", ("auto", "cpu", "cuda"))
+    block_pool: int = opt(4096, "pool rows per GEMM block")
+    block_anchor: int = opt(1024, "anchor rows per GEMM block")
+    clusters: int = opt(0, "cluster strategy: k-means clusters (0: the budget; quota uncovered: paired items + budget)")
+    quota: str = opt("equal", "cluster strategy: picks per cluster: equal, proportional to its size, to its hard "
+                     "negatives, or uncovered (TypiClust): pool and paired items clustered together, the best item "
+                     "of each cluster without a paired item first, largest first", QUOTAS)
+    within: str = opt("hardest", "cluster strategy: the hardest items of each cluster, random ones (the control), the "
+                      "most central (nearest the centre), or the most typical (TypiClust's kNN density; with "
+                      "--quota uncovered)", WITHIN)
+    cluster_sample: int = opt(262144, "cluster strategy: most items the driver's FAISS start of the k-means sees")
+    max_points_per_centroid: int = opt(32, "cluster strategy: the k-means fit sample, at most this many items per "
+                                           "cluster, pool and paired in proportion")
+    fit_iters: int = opt(2, "cluster strategy: exact Lloyd steps over the fit sample on the workers (checkpointed)")
+    max_clusters: int = opt(0, "cluster strategy: cap on k (0: none; TypiClust 500)")
+    min_cluster_size: int = opt(0, "quota uncovered: clusters of at most this many items are visited last "
+                                   "(TypiClust 5)")
+    typical_cap: int = opt(1000, "within typical: a larger cluster's typicality uses a seeded sample of about this many")
+    wait: bool = opt(False, "wait for another run writing the same --out instead of refusing")
+    candidates: int = opt(0, "coverage, probcover, maxherding: best items per shard sent to the driver's greedy "
+                             "first (0: 4 x budget); 4x more until every pick is proved exact")
+    support: int = opt(65536, "probcover, maxherding: most items (pool and paired, a seeded sample) whose coverage "
+                              "counts")
+    purity: float = opt(0.95, "probcover: delta is the largest radius with pure balls around this share of the support")
+    bandwidth: float = opt(0.0, "maxherding: the Gaussian kernel's sigma (0: the median distance to the 20th nearest "
+                                "neighbour)")
+    precision: str = opt("fp32", "GEMM inputs; fp16/bf16 recompute the pairs their error bound cannot decide in "
+                                 "float64 (the same results; for tensor cores)", PRECISIONS)
 
     def __post_init__(self):
         checks = [
