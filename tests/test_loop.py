@@ -1,7 +1,6 @@
 """The main job end to end: jobs/smoke.yaml on a local Ray (a subprocess, as a user runs it):
 the report, numbers independent of how many rounds run at once, and a killed run resuming."""
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -90,9 +89,12 @@ def test_killed_concurrent_run_resumes_to_the_same_numbers(smoke):
     command then runs only the missing rounds, in the driver this time (concurrency 0)."""
     root, sets, _ = smoke
     out = root / "killed"
-    killed = subprocess.run(loop_cmd(out, sets + ["--set", "concurrency=2"]), cwd=REPO, start_new_session=True,
-                            env=dict(os.environ, HNAL_KILL_AFTER_ROUNDS="2"), capture_output=True, text=True,
-                            timeout=600)
+    import faults
+
+    cmd = loop_cmd(out, sets + ["--set", "concurrency=2"])
+    script = faults.prelude("kill_after_rounds(2)") + "from hnal_ray.cli import main; sys.exit(main(sys.argv[1:]))"
+    killed = subprocess.run([sys.executable, "-c", script, *cmd[3:]], cwd=REPO, start_new_session=True,
+                            capture_output=True, text=True, timeout=600)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     before = {f: f.stat().st_mtime_ns for f in out.glob("*/seed-*/round-*/state.json")}
     assert not (out / "report.html").exists() and len(before) < 5

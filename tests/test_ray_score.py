@@ -1,6 +1,5 @@
 """Sharded scoring on a real local Ray cluster: same output as the single-process command."""
 import json
-import os
 import subprocess
 import sys
 
@@ -116,13 +115,23 @@ def test_continuous_embeddings_bit_identical(tmp_path):
                  run(paths, tmp_path / "r3", "--strategy", "random", "--shards", 3, "--shard-rows", 700, budget=50))
 
 
-def test_killed_actor_is_restarted_and_only_its_shard_redone(tmp_path, inputs, monkeypatch):
+def test_killed_actor_is_restarted_and_only_its_shard_redone(tmp_path, inputs):
+    import cloudpickle
+
+    import faults
+    from hnal_ray.cluster.score import RayBackend
+    from hnal_ray.config import ScoreConfig, ScoreInputs
+    from hnal_ray.score.job import run_score
+
     single = run(inputs["image"], tmp_path / "single")
-    monkeypatch.setenv("HNAL_FAIL_SHARD", "1")
-    out = run(inputs["image"], tmp_path / "faulty", "--shards", 3, "--shard-rows", 21, "--stream-rows", 7)
+    cloudpickle.register_pickle_by_value(faults)  # the actors get the faulty worker class by value
+    cfg = ScoreConfig(budget=7, shards=3, shard_rows=21, stream_rows=7)
+    p, out, marker = inputs["image"], tmp_path / "faulty", tmp_path / "died-in-shard-1"
+    run_score(ScoreInputs(str(p["paired_images"]), str(p["paired_texts"]), str(p["pool"])), cfg, out,
+              lambda: RayBackend(3, cfg, worker_cls=faults.dies_once_in_shard(1, marker)))
     same_outputs(single, out)
     summary = json.loads((out / "summary.json").read_text())
-    died = int((out / ".failed-once-1").read_text())  # the process that died in shard 1, mid-shard
+    died = int(marker.read_text())  # the process that died in shard 1
     final = {w["pid"]: w for w in summary["workers"]}
     assert len(summary["shards"]) == 3 and died not in final
     assert summary["shards"][1]["pid"] != died and summary["shards"][1]["pid"] in final
@@ -149,10 +158,12 @@ def test_interrupted_run_resumes_only_missing_shards(tmp_path, inputs):
     """The in-process backend shares the manifest logic: die in shard 2, delete shard 0's part, resume."""
     p = inputs["image"]
     undisturbed = run(p, tmp_path / "undisturbed")
-    env = dict(os.environ, HNAL_FAIL_SHARD="2")
-    # three shards in this process, one after another
-    code = subprocess.run([sys.executable, "-c", RESUME_SCRIPT, str(tmp_path / "out"), json.dumps(
-        {k: str(v) for k, v in p.items()})], env=env, capture_output=True, text=True, timeout=120)
+    import faults
+
+    # three shards in this process, one after another; the process dies in shard 2
+    script = faults.prelude(f"die_in_shard_in_process(2, {str(tmp_path / 'died')!r})") + RESUME_SCRIPT
+    code = subprocess.run([sys.executable, "-c", script, str(tmp_path / "out"), json.dumps(
+        {k: str(v) for k, v in p.items()})], capture_output=True, text=True, timeout=120)
     assert code.returncode == 17, code.stderr
     work = tmp_path / "out" / ".work"
     assert sorted(json.loads((work / "manifest.json").read_text())["shards"]) == ["0", "1"]

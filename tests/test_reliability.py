@@ -70,8 +70,10 @@ run_score(ScoreInputs(p["paired_images"], p["paired_texts"], p["pool"]), ScoreCo
 def test_an_interrupted_run_does_not_mix_old_shards_with_new_content(tmp_path):
     paths, raw = plain_inputs(tmp_path / "in", 2)
     out, args = tmp_path / "out", json.dumps({k: str(v) for k, v in paths.items()})
-    died = subprocess.run([sys.executable, "-c", RESUME, str(out), args], capture_output=True, text=True,
-                          env=dict(os.environ, HNAL_FAIL_SHARD="1"), timeout=120)
+    import faults
+
+    script = faults.prelude(f"die_in_shard_in_process(1, {str(tmp_path / 'died')!r})") + RESUME
+    died = subprocess.run([sys.executable, "-c", script, str(out), args], capture_output=True, text=True, timeout=120)
     assert died.returncode == 17 and (out / ".work" / "manifest.json").exists()   # shard 0 done, then killed
     assert swap_same_size_same_mtime(paths["pool"], raw, np.random.default_rng(5))
     again = subprocess.run([sys.executable, "-c", RESUME, str(out), args], capture_output=True, text=True, timeout=120)

@@ -28,8 +28,8 @@ class ScoreActor:
     """A thin shell around ScoreWorker: takes one shard per call; a restarted actor is handed the
     shard it died on again (max_task_retries), so only that shard is redone."""
 
-    def __init__(self, device: str, threads: int):
-        self.worker = ScoreWorker(device, threads)
+    def __init__(self, device: str, threads: int, worker_cls: type = ScoreWorker):
+        self.worker = worker_cls(device, threads)
 
     def info(self) -> dict:
         return self.worker.info() | {"node_id": ray.get_runtime_context().get_node_id()}
@@ -64,12 +64,14 @@ class RayBackend:
     slow actor takes fewer, an actor that arrives late (autoscaling) takes its share, and the
     driver holds no pool rows. Large shared inputs are put in the object store once."""
 
-    def __init__(self, n_actors: int, cfg: ScoreConfig):
+    def __init__(self, n_actors: int, cfg: ScoreConfig, worker_cls: type = ScoreWorker):
+        """`worker_cls`: the ScoreWorker each actor wraps (tests hand in one that fails on cue)."""
         opts = actor_resources(cfg, n_actors)
         threads = max(1, math.floor(opts["num_cpus"]))
         # an actor given a GPU uses it when CUDA sees one (a fake GPU of a test cluster: the CPU)
         device = "auto" if opts.get("num_gpus") else "cpu"
-        self._new_actor = lambda: ScoreActor.options(**opts, scheduling_strategy="SPREAD").remote(device, threads)
+        self._new_actor = lambda: ScoreActor.options(**opts, scheduling_strategy="SPREAD").remote(device, threads,
+                                                                                                   worker_cls)
         self.actors = [self._new_actor() for _ in range(n_actors)]
         log.info("%d score actors requested (%s each)", n_actors, opts)
         self._refs: dict[int, tuple] = {}

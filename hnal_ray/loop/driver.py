@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import signal
 import sys
 import time
 from pathlib import Path
@@ -112,7 +110,6 @@ def run_rounds(cfg: LoopConfig, out: Path) -> dict[tuple, dict]:
     log.info("%d rounds (%d already done), up to %s at once", total, min(done, total),
              pool.max_in_flight or "1 (in the driver)")
     ready = [(None, seed, 0, None) for seed in cfg.seeds]
-    kill_after = int(os.environ.get("HNAL_KILL_AFTER_ROUNDS", 0))  # test switch: die like `kill -9` mid-run
     by_name = {s.name: s for s in cfg.strategies}
     try:
         while ready or pool.busy:
@@ -130,9 +127,6 @@ def run_rounds(cfg: LoopConfig, out: Path) -> dict[tuple, dict]:
                         continue
                     progress.finished(state)
                     ready += _after(cfg, states, key, state)
-                    if progress.fresh == kill_after:
-                        log.warning("HNAL_KILL_AFTER_ROUNDS=%d: SIGKILL to this process group", kill_after)
-                        os.killpg(os.getpgrp(), signal.SIGKILL)
     except BaseException:
         pool.cancel()
         raise

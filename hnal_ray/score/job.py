@@ -139,9 +139,7 @@ def _run_locked(inputs: ScoreInputs, cfg: ScoreConfig, out: Path, make_backend) 
                              centres=centres, within=cfg.within, quota=cfg.quota, stream_rows=cfg.stream_rows,
                              precision=cfg.precision, candidates=m, **(herd.task_fields() if herd else {}))
             todo = [s for s in specs if not _shard_done(work, manifest, s.index)]
-            fail = os.environ.get("HNAL_FAIL_SHARD")  # test switch: that shard's worker dies once, mid-shard
-            tasks = [dataclasses.replace(task, fail_marker=str(out / f".failed-once-{s.index}"))
-                     if str(s.index) == fail else task for s in todo]
+            tasks = [task] * len(todo)
             results = backend.score(todo, tasks, plan.anchors if thresholds is not None else None, thresholds,
                                     [str(_fenced(work / "parts", s.index, nonce)) for s in todo])
             for res in tqdm(results, total=len(todo), desc="score shards", unit="shard", disable=None):

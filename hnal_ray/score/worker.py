@@ -11,7 +11,6 @@ import os
 import socket
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -67,7 +66,6 @@ class ScoreTask:
     seed: int
     block_pool: int
     block_anchor: int
-    fail_marker: str | None = None  # test switch: die once, mid-shard, if this file is absent
     centres: np.ndarray | None = None  # cluster strategy: (k, d) float64 k-means centres
     within: str = "hardest"
     quota: str = "equal"            # cluster strategy: "hardness" also counts each cluster's hard negatives
@@ -134,10 +132,6 @@ class ScoreWorker:
             if task.strategy == "cluster" and task.quota == "hardness":
                 hardness = s if task.within == "hardest" else self._hardness(block.emb, task, anchors, thresholds)
                 hard.append(c[hardness > 0])
-            if task.fail_marker and not Path(task.fail_marker).exists():
-                Path(task.fail_marker).write_text(str(os.getpid()))
-                log.error("injected failure in shard %d", spec.index)
-                os._exit(17)
         ids, scores, margin = np.concatenate(ids), np.concatenate(scores), np.concatenate(margins)
         cluster = np.concatenate(clusters) if task.strategy == "cluster" else None
         write_parquet(score_table(spec.id_column, ids, scores, margin, cluster), part_path)
