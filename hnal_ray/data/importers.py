@@ -144,31 +144,10 @@ def _import_images(src: Path, layout: str, pool: Path | None, pool_layout: str |
     if pool is not None:
         sources.append((READERS[pool_layout](pool, skip), True))
     try:
-        for records, is_pool in sources:
-            for rec in records:
-                try:
-                    open_rgb(rec.data)
-                except ImageError as exc:
-                    skip(rec.path, str(exc))
-                    continue
-                digest = hashlib.sha256(rec.data).hexdigest()
-                if digest in seen:  # the same image already imported: one id, so never in two splits
-                    first, first_id = seen[digest]
-                    if is_pool or not rec.captions:
-                        skip(rec.path, f"already imported (same bytes as {first})")
-                        continue
-                    skip(rec.path, f"same bytes as {first}: its {len(rec.captions)} caption(s) go to that image")
-                    image_id = first_id
-                else:
-                    if is_pool:
-                        rec.captions, rec.split = [], None
-                    image_id = images.add(rec)
-                    seen[digest] = (rec.path, image_id)
-                    given_split.append(rec.split)
-                for text in rec.captions:
-                    captions["text_id"].append(len(captions["text_id"]))
-                    captions["image_id"].append(image_id)
-                    captions["text"].append(text)
+        for image_id, text in _add_records(sources, images, seen, given_split, skip):
+            captions["text_id"].append(len(captions["text_id"]))
+            captions["image_id"].append(image_id)
+            captions["text"].append(text)
     finally:
         images.close()
     if not images.ids:
@@ -180,6 +159,34 @@ def _import_images(src: Path, layout: str, pool: Path | None, pool_layout: str |
     split = _splits(ids, captioned, images.groups, given_split, seed, fractions, images.paths)
     write_parquet(pa.table({"image_id": ids, "split": split}), tmp / "split.parquet")
     return {"images": len(ids), "captions": len(captions["text_id"]), "unpaired_images": int((~captioned).sum())}
+
+
+def _add_records(sources, images: _Images, seen: dict[str, tuple[str, int]], given: list, skip):
+    """Decode every record of the (records, is_pool) sources once; a new image is added to `images`
+    (its given split to `given`), one with the bytes of an image already `seen` keeps that id (its
+    captions go to it; a pool copy or an uncaptioned one is skipped, named). Yields (image id, caption)."""
+    for records, is_pool in sources:
+        for rec in records:
+            try:
+                open_rgb(rec.data)
+            except ImageError as exc:
+                skip(rec.path, str(exc))
+                continue
+            digest = hashlib.sha256(rec.data).hexdigest()
+            if digest in seen:  # the same image already there: one id, so never in two splits
+                first, image_id = seen[digest]
+                if is_pool or not rec.captions:
+                    skip(rec.path, f"already imported (same bytes as {first})")
+                    continue
+                skip(rec.path, f"same bytes as {first}: its {len(rec.captions)} caption(s) go to that image")
+            else:
+                if is_pool:
+                    rec.captions, rec.split = [], None
+                image_id = images.add(rec)
+                seen[digest] = (rec.path, image_id)
+                given.append(rec.split)
+            for text in rec.captions:
+                yield image_id, text
 
 
 def _splits(ids: np.ndarray, captioned: np.ndarray, groups: list, given: list, seed: int, fractions,
@@ -290,27 +297,7 @@ def append_data(src: str | Path, out: str | Path, pool: str | Path | None = None
         given: list[str | None] = []
         sources = [(READERS[layout](src, skip), False)] + ([(READERS[pool_layout](pool, skip), True)] if pool else [])
         try:
-            for records, is_pool in sources:
-                for rec in records:
-                    try:
-                        open_rgb(rec.data)
-                    except ImageError as exc:
-                        skip(rec.path, str(exc))
-                        continue
-                    digest = hashlib.sha256(rec.data).hexdigest()
-                    if digest in seen:
-                        first, image_id = seen[digest]
-                        if is_pool or not rec.captions:
-                            skip(rec.path, f"already in the folder (same bytes as {first})")
-                            continue
-                        skip(rec.path, f"same bytes as {first}: its {len(rec.captions)} caption(s) go to that image")
-                    else:
-                        if is_pool:
-                            rec.captions, rec.split = [], None
-                        image_id = images.add(rec)
-                        seen[digest] = (rec.path, image_id)
-                        given.append(rec.split)
-                    new_text += [(image_id, text) for text in rec.captions]
+            new_text = list(_add_records(sources, images, seen, given, skip))
         finally:
             images.close()
         first_text = int(old_captions["text_id"].to_numpy().max()) + 1 if old_captions.num_rows else 0
