@@ -106,11 +106,7 @@ def greedy_cover(parts: list[Candidates], budget: int, n_anchors: int, slack: fl
     score = np.concatenate([p.top.scores for p in parts])
     mm = np.concatenate([p.top.max_margin for p in parts]).astype(np.float64)
     mm_key = np.where(np.isnan(mm), -np.inf, mm)
-    offsets = np.cumsum([0] + [len(p.anchor) for p in parts[:-1]])
-    indptr = np.concatenate([[0]] + [p.indptr[1:] + o for p, o in zip(parts, offsets)]).astype(np.int64)
-    anchor = np.concatenate([p.anchor for p in parts]) if parts else np.zeros(0, np.int32)
-    weight = np.concatenate([p.weight for p in parts]) if parts else np.zeros(0)
-    row_of = np.repeat(np.arange(len(ids)), np.diff(indptr))
+    indptr, anchor, weight, row_of = merged_rows(parts)
     held = [p.next_key for p in parts if p.next_key is not None]
     bound = max((k[0] for k in held), default=-np.inf) * (1 + slack)  # no held-back item gains more
     best_held = max((_key(*k) for k in held), default=None)             # the first held-back item, SPEC order
@@ -119,7 +115,7 @@ def greedy_cover(parts: list[Candidates], budget: int, n_anchors: int, slack: fl
     picked, gains = [], []
     while len(picked) < budget:
         if not free.any():  # every candidate picked: the pool is smaller than the budget, or ask for more
-            return None if held else _ranked(ids, picked, gains, mm)
+            return None if held else ranked_picks(ids, picked, gains, mm)
         gain = np.bincount(row_of, weights=np.where(covered[anchor], 0.0, weight), minlength=len(ids))
         gain = np.where(free, gain, -np.inf)
         c = np.lexsort((ids, -mm_key, -score, -gain))[0]
@@ -128,10 +124,19 @@ def greedy_cover(parts: list[Candidates], budget: int, n_anchors: int, slack: fl
         picked.append(c), gains.append(gain[c])
         free[c] = False
         covered[anchor[indptr[c]:indptr[c + 1]]] = True
-    return _ranked(ids, picked, gains, mm)
+    return ranked_picks(ids, picked, gains, mm)
 
 
-def _ranked(ids, picked, gains, mm) -> Ranked:
+def merged_rows(parts: list[Candidates]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The shards' CSR rows as one: (indptr, column, value, the row of each entry), rows in part order."""
+    offsets = np.cumsum([0] + [len(p.anchor) for p in parts[:-1]])
+    indptr = np.concatenate([[0]] + [p.indptr[1:] + o for p, o in zip(parts, offsets)]).astype(np.int64)
+    col = np.concatenate([p.anchor for p in parts]) if parts else np.zeros(0, np.int32)
+    val = np.concatenate([p.weight for p in parts]) if parts else np.zeros(0)
+    return indptr, col, val, np.repeat(np.arange(len(indptr) - 1), np.diff(indptr))
+
+
+def ranked_picks(ids, picked, gains, mm) -> Ranked:
     p = np.asarray(picked, np.int64)
     return Ranked(ids[p].astype(np.int64), np.asarray(gains, np.float64), mm[p].astype(np.float32))
 

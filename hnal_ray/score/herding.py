@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from hnal_ray.score.baselines import random_keys
-from hnal_ray.score.coverage import Candidates, empty_candidates
+from hnal_ray.score.coverage import Candidates, empty_candidates, merged_rows, ranked_picks
 from hnal_ray.score.selection import Ranked, top_rows
 
 KINDS = ("ball", "gauss")
@@ -164,11 +164,8 @@ def greedy_herd(parts: list[Candidates], budget: int, covered: np.ndarray) -> Ra
     by (tie-break, id) against the best held-back item."""
     ids = np.concatenate([p.top.ids for p in parts])
     tie = np.concatenate([p.top.max_margin for p in parts]).astype(np.float64)
-    offsets = np.cumsum([0] + [len(p.anchor) for p in parts[:-1]])
-    indptr = np.concatenate([[0]] + [p.indptr[1:] + o for p, o in zip(parts, offsets)]).astype(np.int64)
-    sup = np.concatenate([p.anchor for p in parts]).astype(np.int64)
-    val = np.concatenate([p.weight for p in parts]).astype(np.float64)
-    row_of = np.repeat(np.arange(len(ids)), np.diff(indptr))
+    indptr, sup, val, row_of = merged_rows(parts)
+    sup, val = sup.astype(np.int64), val.astype(np.float64)
     held = [p.next_key for p in parts if p.next_key is not None]
     bound = max((k[0] for k in held), default=-np.inf)
     best_held = max(((k[1], -k[2]) for k in held if k[0] == bound), default=None)
@@ -177,7 +174,7 @@ def greedy_herd(parts: list[Candidates], budget: int, covered: np.ndarray) -> Ra
     picked, gains = [], []
     while len(picked) < budget:
         if not free.any():
-            return None if held else _ranked(ids, picked, gains, tie)
+            return None if held else ranked_picks(ids, picked, gains, tie)
         gain = np.bincount(row_of, weights=np.maximum(val - c[sup], 0.0), minlength=len(ids))
         gain = np.where(free, gain, -np.inf)
         p = np.lexsort((ids, -tie, -gain))[0]
@@ -187,12 +184,7 @@ def greedy_herd(parts: list[Candidates], budget: int, covered: np.ndarray) -> Ra
         free[p] = False
         s = sup[indptr[p]:indptr[p + 1]]
         c[s] = np.maximum(c[s], val[indptr[p]:indptr[p + 1]])
-    return _ranked(ids, picked, gains, tie)
-
-
-def _ranked(ids, picked, gains, tie) -> Ranked:
-    p = np.asarray(picked, np.int64)
-    return Ranked(ids[p].astype(np.int64), np.asarray(gains, np.float64), tie[p].astype(np.float32))
+    return ranked_picks(ids, picked, gains, tie)
 
 
 # ----------------------------------------------------------------------- the kernel's scale
