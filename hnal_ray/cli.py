@@ -10,7 +10,7 @@ import signal
 import sys
 import threading
 
-from hnal_ray.config import ConfigError
+from hnal_ray.config import ConfigError, ModelConfig, TrainConfig
 from hnal_ray.io import InputError
 
 
@@ -42,24 +42,35 @@ def _workers(v: str) -> int | str:
         raise argparse.ArgumentTypeError(f"expected 'auto' or an integer, got {v!r}") from None
 
 
-def add_config_args(p: argparse.ArgumentParser, config, skip: tuple[str, ...] = ()) -> None:
-    """One option per field of a config dataclass, as `opt` declared it (help, choices, default)."""
+def _auto_bool(v: str) -> bool | None:
+    if v not in ("auto", "true", "false"):
+        raise argparse.ArgumentTypeError(f"expected auto, true or false, got {v!r}")
+    return None if v == "auto" else v == "true"
+
+
+def add_config_args(p: argparse.ArgumentParser, config, skip: tuple[str, ...] = (), prefix: str = "") -> None:
+    """One option per field of a config dataclass, as `opt` declared it (help, choices, default);
+    `--PREFIX-NAME` with dest `PREFIX_NAME` when a prefix is given. A nested config field is skipped."""
     import dataclasses
 
     for f in dataclasses.fields(config):
-        if f.name in skip:
+        if f.name in skip or "help" not in f.metadata:
             continue
-        flag, meta = "--" + f.name.replace("_", "-"), f.metadata
+        name = f"{prefix}_{f.name}" if prefix else f.name
+        flag, meta = "--" + name.replace("_", "-"), f.metadata
         required = f.default is dataclasses.MISSING
-        kw = {"help": meta.get("help")} | ({"required": True} if required else {"default": f.default})
-        if meta.get("cli") == "threshold_batch":
-            p.add_argument(flag, type=_threshold_batch, metavar="{full,N}", **kw)
+        kw = {"help": meta.get("help"), "dest": name} | ({"required": True} if required else {"default": f.default})
+        special = {"threshold_batch": (_threshold_batch, "{full,N}"), "workers": (_workers, "{auto,N}"),
+                   "auto_bool": (_auto_bool, "{auto,true,false}")}
+        if meta.get("cli") in special:
+            kind, metavar = special[meta["cli"]]
+            p.add_argument(flag, type=kind, metavar=metavar, **kw)
         elif f.type in ("bool", bool):
-            p.add_argument(flag, action="store_true", help=kw["help"])
+            p.add_argument(flag, action="store_true", help=kw["help"], dest=name)
         elif meta.get("choices"):
             p.add_argument(flag, choices=list(meta["choices"]), **kw)
         else:
-            kind = {"int": int, "float": float}.get(str(f.type), str)
+            kind = {"int": int, "float": float}.get(str(f.type).split(" | ")[0], str)
             p.add_argument(flag, type=kind, **kw)
 
 
@@ -181,14 +192,15 @@ def cmd_features(a: argparse.Namespace) -> int:
 
 
 def cmd_train(a: argparse.Namespace) -> int:
+    import dataclasses
+
     from hnal_ray.cluster.train import fit
     from hnal_ray.data.splits import split_ids
     from hnal_ray.data.features import load_features
     from hnal_ray.io import write_json
-    from hnal_ray.retrieval.training import TrainConfig
-
-    cfg = TrainConfig(epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, num_workers=a.num_workers,
-                      warmup_epochs=a.warmup_epochs, seed=a.seed, max_failures=a.max_failures)
+    model = ModelConfig(**{f.name: getattr(a, f"model_{f.name}") for f in dataclasses.fields(ModelConfig)})
+    cfg = TrainConfig(**{f.name: getattr(a, f.name) for f in dataclasses.fields(TrainConfig) if f.name != "model"},
+                      model=model)
     train_texts = load_features(a.features).texts_of(split_ids(a.data, "train"))
     res = fit(a.features, train_texts, split_ids(a.data, "val"), cfg, a.out, a.name)
     summary = {"checkpoint": res.checkpoint, "best": res.best, "last": res.last}
@@ -305,14 +317,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--features", required=True)
     tr.add_argument("--out", required=True, help="Ray Train storage path")
     tr.add_argument("--name", default="train")
-    tr.add_argument("--epochs", type=int, default=20)
-    tr.add_argument("--batch-size", type=int, default=128)
-    tr.add_argument("--lr", type=float, default=1e-3)
-    tr.add_argument("--warmup-epochs", type=int, default=2)
-    tr.add_argument("--num-workers", type=_workers, default="auto",
-                    help="0: Ray Train local mode; N: N DDP workers; auto (default): local mode without GPUs")
-    tr.add_argument("--max-failures", type=int, default=1)
-    tr.add_argument("--seed", type=int, default=0)
+    add_config_args(tr, TrainConfig)
+    add_config_args(tr, ModelConfig, prefix="model")
     tr.add_argument("--address", default=None)
     tr.set_defaults(func=_with_ray(cmd_train))
     ev = sub.add_parser("eval", help="Recall@K of a checkpoint on a split")

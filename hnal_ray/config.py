@@ -16,13 +16,27 @@ class ConfigError(ValueError):
     """A bad option value; the message names the option."""
 
 
-def opt(default, help: str, choices: tuple | None = None, cli: str | None = None):
+def opt(default, help: str, choices: tuple | None = None, cli: str | None = None, key: bool | tuple = True):
     """A config field declared once: its default, its help and its choices, from which the command
-    line (`cli.add_config_args`), the Python API (`api.select`) and the run key are derived.
-    `dataclasses.MISSING` marks a required option. `cli` names a special command-line parser
-    (`threshold_batch`: 'full' or an integer)."""
-    meta = {"help": help, "choices": choices, "cli": cli}
+    line (`cli.add_config_args`), the Python API (`api.select`), the loop's YAML (`StrategyConfig`)
+    and the run key (`key_fields`) are derived. `dataclasses.MISSING` marks a required option. `cli`
+    names a special command-line parser (`threshold_batch`: 'full' or an integer; `workers`: 'auto'
+    or an integer; `auto_bool`: auto, true or false). `key`: whether the field decides the outputs
+    (False: where or how the work runs), or the strategies for which it does."""
+    meta = {"help": help, "choices": choices, "cli": cli, "key": key}
     return field(metadata=meta) if default is dataclasses.MISSING else field(default=default, metadata=meta)
+
+
+def key_fields(cfg) -> dict:
+    """The fields of a config that decide its outputs, as `opt(key=...)` declared them: a run with the
+    same values is a finished run whatever its shards, actors or stream sizes (the outputs are the
+    same for any of these: tests/test_ray_score.py, tests/test_streaming.py)."""
+    out = {}
+    for f in dataclasses.fields(cfg):
+        key = f.metadata.get("key", True)
+        if key is True or (key and cfg.strategy in key):
+            out[f.name] = getattr(cfg, f.name)
+    return out
 
 
 @dataclass(frozen=True)
@@ -36,7 +50,9 @@ class ScoreInputs:
 
 @dataclass(frozen=True)
 class ScoreConfig:
-    """What `hnal score` computes. threshold_batch None = full batch, else the mini-batch size."""
+    """What `hnal score` computes. threshold_batch None = full batch, else the mini-batch size. Block
+    sizes, device and precision are in the run key: they may move a float32 sum's last bit. The
+    herding options are in it only for those strategies (added later: earlier runs keep their key)."""
 
     budget: int = opt(dataclasses.MISSING, "number of pool items to select")
     strategy: str = opt("hard-negative", "coverage: greedy hard negatives that discount the anchors earlier picks "
@@ -47,10 +63,11 @@ class ScoreConfig:
     threshold_batch: int | None = opt(None, "full batch (default) or mini-batches of N pairs", cli="threshold_batch")
     side: str = opt("image", "select pool images (against the paired texts) or pool texts", SIDES)
     seed: int = opt(0, "seed of every random choice (random keys, mini-batches, k-means)")
-    shards: int = opt(0, "0: in-process; N: N Ray actors taking shards from a queue")
-    shard_rows: int = opt(1_000_000, "pool (and paired-key) rows per shard: the unit of work, retry and resume")
-    stream_rows: int = opt(65536, "rows a worker reads from Parquet at a time")
-    address: str | None = opt(None, "Ray address (default: RAY_ADDRESS or an embedded Ray)")
+    shards: int = opt(0, "0: in-process; N: N Ray actors taking shards from a queue", key=False)
+    shard_rows: int = opt(1_000_000, "pool (and paired-key) rows per shard: the unit of work, retry and resume",
+                          key=False)
+    stream_rows: int = opt(65536, "rows a worker reads from Parquet at a time", key=False)
+    address: str | None = opt(None, "Ray address (default: RAY_ADDRESS or an embedded Ray)", key=False)
     device: str = opt("auto", "where the kernels run", ("auto", "cpu", "cuda"))
     block_pool: int = opt(4096, "pool rows per GEMM block")
     block_anchor: int = opt(1024, "anchor rows per GEMM block")
@@ -69,14 +86,15 @@ class ScoreConfig:
     min_cluster_size: int = opt(0, "quota uncovered: clusters of at most this many items are visited last "
                                    "(TypiClust 5)")
     typical_cap: int = opt(1000, "within typical: a larger cluster's typicality uses a seeded sample of about this many")
-    wait: bool = opt(False, "wait for another run writing the same --out instead of refusing")
+    wait: bool = opt(False, "wait for another run writing the same --out instead of refusing", key=False)
     candidates: int = opt(0, "coverage, probcover, maxherding: best items per shard sent to the driver's greedy "
                              "first (0: 4 x budget); 4x more until every pick is proved exact")
     support: int = opt(65536, "probcover, maxherding: most items (pool and paired, a seeded sample) whose coverage "
-                              "counts")
-    purity: float = opt(0.95, "probcover: delta is the largest radius with pure balls around this share of the support")
+                              "counts", key=HERDING)
+    purity: float = opt(0.95, "probcover: delta is the largest radius with pure balls around this share of the "
+                              "support", key=HERDING)
     bandwidth: float = opt(0.0, "maxherding: the Gaussian kernel's sigma (0: the median distance to the 20th nearest "
-                                "neighbour)")
+                                "neighbour)", key=HERDING)
     precision: str = opt("fp32", "GEMM inputs; fp16/bf16 recompute the pairs their error bound cannot decide in "
                                  "float64 (the same results; for tensor cores)", PRECISIONS)
 
@@ -120,15 +138,84 @@ class ScoreConfig:
         return self.strategy in ("hard-negative", "coverage") or (self.strategy == "cluster" and (
             self.within == "hardest" or self.quota == "hardness"))
 
-    def result_fields(self) -> dict:
-        """The fields that decide the output bytes: not where it runs, how many actors, how the pool
-        is cut into shards or read (the outputs are the same for any of these: tests/test_ray_score.py,
-        tests/test_streaming.py), nor whether to wait for a lock. Block sizes, device and precision
-        stay: they may move a float32 sum's last bit."""
-        d = dataclasses.asdict(self)
-        for f in ("shards", "shard_rows", "stream_rows", "address", "wait"):
-            d.pop(f)
-        if self.strategy not in HERDING:  # added later: earlier finished runs keep their key
-            for f in ("support", "purity", "bandwidth"):
-                d.pop(f)
-        return d
+
+@dataclass(frozen=True)
+class ModelConfig:
+    image_dim: int = opt(1280, "image feature width (EfficientNet-Lite0 pooled features)")
+    text_dim: int = opt(384, "text feature width (all-MiniLM-L6-v2 sentence embeddings)")
+    embed_dim: int = opt(256, "the joint embedding's width")
+    hidden: int = opt(512, "hidden width of each side's head (0: a single linear layer)")
+    image_block_rank: int = opt(0, "> 0: also train a rank-r update of the image encoder's last stage (ConvHeadLoRA, "
+                                   "on the cached 7x7x320 maps of data/image_maps.py)")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = opt(20, "training epochs")
+    batch_size: int = opt(128, "pairs per step, global: split evenly over the workers")
+    lr: float = opt(1e-3, "AdamW learning rate")
+    weight_decay: float = opt(1e-4, "AdamW weight decay")
+    margin: float = opt(0.2, "the hinge loss's margin")
+    warmup_epochs: int = opt(2, "sum-of-hinges epochs before max-of-hinges (VSE++ on small data)")
+    num_workers: int | str = opt("auto", "0: Ray Train local mode (in the calling process); N: N DDP workers; auto: "
+                                         "local mode unless the cluster has GPUs, then one worker per GPU", cli="workers")
+    threads: int = opt(1, "torch threads per process (fixed, so numbers do not depend on the machine)")
+    use_gpu: bool | None = opt(None, "train on GPUs (auto: when the cluster has them)", cli="auto_bool")
+    seed: int = opt(0, "seed of the initialisation and the batches")
+    max_failures: int = opt(0, "Ray Train restarts of a failed fit (from its last checkpoint)")
+    checkpoint_every: int = opt(5, "epochs between checkpoints (and always the last epoch)")
+    init: str = opt("scratch", "loop rounds >= 1: from scratch, or fine-tune the last round's best weights with a "
+                               "fresh optimiser", ("scratch", "previous"))
+    finetune_lr: float | None = opt(None, "lr when fine-tuning (default: lr)")
+    model_choice: str = opt("best", "best: the epoch with the best validation rsum; average: the uniform weight "
+                                    "average of the last average_epochs epochs", ("best", "average"))
+    average_epochs: int = opt(10, "epochs averaged by model_choice average")
+    batching: str = opt("random", "random: a seeded shuffle per epoch; clustered: batches of look-alikes (pairs "
+                                  "grouped by k-means of their images' frozen features)", ("random", "clustered"))
+    model: ModelConfig = field(default_factory=ModelConfig)
+
+    def __post_init__(self):
+        ok = self.num_workers == "auto" or (isinstance(self.num_workers, int) and self.num_workers >= 0)
+        if not ok:
+            raise ConfigError(f"train.num_workers must be 'auto' or an integer >= 0, got {self.num_workers!r}")
+        if self.model_choice not in ("best", "average") or self.average_epochs < 1:
+            raise ConfigError(f"train.model_choice must be 'best' or 'average' (average_epochs >= 1), got "
+                              f"{self.model_choice!r}, {self.average_epochs}")
+        if self.batching not in ("random", "clustered"):
+            raise ConfigError(f"train.batching must be 'random' or 'clustered', got {self.batching!r}")
+        if self.init not in ("scratch", "previous"):
+            raise ConfigError(f"train.init must be 'scratch' or 'previous', got {self.init!r}")
+        if not isinstance(self.threads, int) or self.threads < 1:
+            raise ConfigError(f"train.threads must be an integer >= 1, got {self.threads!r}")
+        checks = [
+            (_int(self.batch_size) and self.batch_size >= 2,
+             f"train.batch_size must be an integer >= 2 (a batch's other pairs are its negatives), got {self.batch_size!r}"),
+            (_int(self.epochs) and self.epochs >= 1, f"train.epochs must be an integer >= 1, got {self.epochs!r}"),
+            (_num(self.lr) and self.lr > 0, f"train.lr must be > 0, got {self.lr!r}"),
+            (self.finetune_lr is None or (_num(self.finetune_lr) and self.finetune_lr > 0),
+             f"train.finetune_lr must be > 0, got {self.finetune_lr!r}"),
+            (_num(self.weight_decay) and self.weight_decay >= 0,
+             f"train.weight_decay must be >= 0, got {self.weight_decay!r}"),
+            (_num(self.margin) and self.margin >= 0, f"train.margin must be >= 0, got {self.margin!r}"),
+            (_int(self.warmup_epochs) and self.warmup_epochs >= 0,
+             f"train.warmup_epochs must be an integer >= 0, got {self.warmup_epochs!r}"),
+            (_int(self.checkpoint_every) and self.checkpoint_every >= 1,
+             f"train.checkpoint_every must be an integer >= 1, got {self.checkpoint_every!r}"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise ConfigError(msg)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        d = dict(d)
+        d["model"] = ModelConfig(**d.get("model", {}))
+        return cls(**d)
+
+
+def _int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _num(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and v == v

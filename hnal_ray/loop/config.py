@@ -9,36 +9,29 @@ from pathlib import Path
 
 import yaml
 
-from hnal_ray.config import ConfigError, ScoreConfig
+from hnal_ray.config import ConfigError, ModelConfig, ScoreConfig, TrainConfig
 from hnal_ray.data.encoders import EncoderConfig
-from hnal_ray.retrieval.model import ModelConfig
-from hnal_ray.retrieval.training import TrainConfig
 
 
-@dataclass(frozen=True)
-class StrategyConfig:
-    """One selection strategy: a name for plots and a `hnal score` configuration."""
+# The score options a strategy sets; the loop sets the rest per round (budget, seed, shards) or per
+# process (address, wait). Each is declared once, on ScoreConfig, with its default and help.
+LOOP_SETS = ("budget", "seed", "shards", "address", "wait")
+SCORE_OPTIONS = tuple(f.name for f in dataclasses.fields(ScoreConfig) if f.name not in LOOP_SETS)
+# Strategy keys in every run's config.json; the rest are written only when not at their defaults,
+# so runs made before they existed stay resumable.
+KEYED_ALWAYS = ("name", "strategy", "weight", "k", "threshold_batch", "side", "clusters", "quota", "within",
+                "switch_at", "then")
 
-    name: str
-    strategy: str = "hard-negative"
-    weight: str = "surplus"
-    k: int = 1
-    threshold_batch: int | None = None
-    side: str = "image"
-    clusters: int = 0              # cluster strategy (see `hnal score --strategy cluster`)
-    quota: str = "equal"
-    within: str = "hardest"
-    max_clusters: int = 0          # cluster strategy: cap on k (TypiClust: 500)
-    min_cluster_size: int = 0      # quota uncovered: clusters this small are visited last (TypiClust: 5)
-    reducible: bool = False        # hard-negative only: minus the score under a reference model trained
-                                   # on the validation pairs (RHO-LOSS-style: hardness the model can reduce)
-    switch_at: int | None = None   # budget-aware: from this many paired images on, select with `then`
-    then: dict | None = None       # the score options that replace these ones from `switch_at` on
-    features: str = "model"        # what selection sees: the previous round's model embeddings, or the frozen
-                                   # encoder features (image side; strategies that do not use the texts)
-    support: int = 65536           # probcover/maxherding (see `hnal score --support`)
-    purity: float = 0.95
-    bandwidth: float = 0.0
+
+class _Strategy:
+    """One selection strategy: a name for plots and the `hnal score` options (every ScoreConfig field
+    but LOOP_SETS, with its default), plus the loop's own:
+    - reducible: hard-negative only: minus the score under a reference model trained on the validation
+      pairs (RHO-LOSS-style: hardness the model can reduce);
+    - switch_at / then: budget-aware: from this many paired images on, the options in `then` replace
+      these ones;
+    - features: what selection sees: the previous round's model embeddings ("model"), or the frozen
+      encoder features ("frozen": image side, strategies that do not use the texts)."""
 
     def __post_init__(self):
         if not (isinstance(self.name, str) and re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", self.name)):
@@ -51,23 +44,19 @@ class StrategyConfig:
         if (self.switch_at is None) != (self.then is None):
             raise ConfigError(f"strategies: {self.name}: switch_at and then go together")
         if self.then is not None:
-            allowed = {"strategy", "weight", "k", "threshold_batch", "clusters", "quota", "within", "max_clusters",
-                       "min_cluster_size", "features", "support", "purity", "bandwidth"}
+            allowed = set(SCORE_OPTIONS) - {"side"} | {"features"}
             if not isinstance(self.then, dict) or set(self.then) - allowed:
                 raise ConfigError(f"strategies: {self.name}: then may set only {sorted(allowed)}, got "
                                   f"{short_repr(self.then)}")
-            check_types(StrategyConfig, self.then, f"strategies: {self.name}: then.", set(), partial=True)
+            check_types(type(self), self.then, f"strategies: {self.name}: then.", set(), partial=True)
 
     def score_config(self, budget: int, seed: int, shards: int, paired_images: int = 0) -> ScoreConfig:
         """The `hnal score` options for a round that starts with `paired_images` paired images."""
-        opts = {"strategy": self.strategy, "weight": self.weight, "k": self.k, "threshold_batch": self.threshold_batch,
-                "clusters": self.clusters, "quota": self.quota, "within": self.within,
-                "max_clusters": self.max_clusters, "min_cluster_size": self.min_cluster_size,
-                "support": self.support, "purity": self.purity, "bandwidth": self.bandwidth}
+        opts = {name: getattr(self, name) for name in SCORE_OPTIONS}
         if self.switch_at is not None and paired_images >= self.switch_at:
             opts |= self.then
         opts.pop("features", None)
-        cfg = ScoreConfig(budget=budget, side=self.side, seed=seed, shards=shards, **opts)
+        cfg = ScoreConfig(budget=budget, seed=seed, shards=shards, **opts)
         if self.features_at(paired_images) == "frozen" and (cfg.uses_thresholds or self.side != "image"):
             raise ConfigError(f"strategies: {self.name}: features: frozen goes with image-side strategies that do "
                               f"not use the texts (random, cluster without hardness, probcover, maxherding, coreset)")
@@ -78,6 +67,17 @@ class StrategyConfig:
         if self.switch_at is not None and paired_images >= self.switch_at:
             return self.then.get("features", self.features)
         return self.features
+
+
+StrategyConfig = dataclasses.make_dataclass(
+    "StrategyConfig",
+    [("name", "str")]
+    + [(f.name, f.type, field(default=f.default, metadata=f.metadata))
+       for f in dataclasses.fields(ScoreConfig) if f.name in SCORE_OPTIONS]
+    + [("reducible", "bool", field(default=False)), ("switch_at", "int | None", field(default=None)),
+       ("then", "dict | None", field(default=None)), ("features", "str", field(default="model"))],
+    bases=(_Strategy,), frozen=True)
+StrategyConfig.__module__ = __name__  # pickled by reference (Ray tasks), so it must be found here
 
 
 @dataclass(frozen=True)
@@ -149,13 +149,9 @@ class LoopConfig:
                            ("encoders", dataclasses.asdict(EncoderConfig()))):
             if d[f] == default:
                 d.pop(f)
-        for s in d["strategies"]:
-            if not s["reducible"]:
-                s.pop("reducible")
-            for f, default in (("max_clusters", 0), ("min_cluster_size", 0), ("features", "model"),
-                               ("support", 65536), ("purity", 0.95), ("bandwidth", 0.0)):
-                if s[f] == default:
-                    s.pop(f)
+        defaults = {f.name: f.default for f in dataclasses.fields(StrategyConfig)}
+        d["strategies"] = [{k: v for k, v in s.items() if k in KEYED_ALWAYS or v != defaults[k]}
+                           for s in d["strategies"]]
         return d
 
 

@@ -2,21 +2,12 @@
 optionally a trainable low-rank update of the image encoder's last stage."""
 from __future__ import annotations
 
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 import torch.nn.functional as F
 
-
-@dataclass(frozen=True)
-class ModelConfig:
-    image_dim: int = 1280   # EfficientNet-Lite0 pooled features
-    text_dim: int = 384     # all-MiniLM-L6-v2 sentence embeddings
-    embed_dim: int = 256
-    hidden: int = 512       # 0: a single linear layer per side
-    image_block_rank: int = 0  # > 0: also train a rank-r update of the image encoder's last stage
-                               # (ConvHeadLoRA, on the cached 7x7x320 maps of data/image_maps.py)
+from hnal_ray.config import ModelConfig  # declared with the other configs; importable from here too
 
 
 def _head(d_in: int, cfg: ModelConfig) -> nn.Module:

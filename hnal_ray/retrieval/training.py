@@ -3,81 +3,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from hnal_ray.config import ConfigError
+from hnal_ray.config import ModelConfig, TrainConfig  # noqa: F401 (declared with the other configs; importable from here too)
 from hnal_ray.data.features import FeatureSet
 from hnal_ray.retrieval.loss import vse_loss
 from hnal_ray.retrieval.metrics import recall_at_k
-from hnal_ray.retrieval.model import DualEncoder, ModelConfig
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    epochs: int = 20
-    batch_size: int = 128          # global: split evenly over the workers
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
-    margin: float = 0.2
-    warmup_epochs: int = 2         # sum-of-hinges epochs before max-of-hinges (VSE++ on small data)
-    num_workers: int | str = "auto"  # 0: Ray Train local mode (in the calling process); N: N DDP workers;
-                                     # auto: local mode unless the cluster has GPUs, then one worker per GPU
-    threads: int = 1               # torch threads per process (fixed, so numbers do not depend on the machine)
-    use_gpu: bool | None = None    # None: when the cluster has GPUs
-    seed: int = 0
-    max_failures: int = 0
-    checkpoint_every: int = 5      # epochs between checkpoints (and always the last epoch)
-    init: str = "scratch"          # loop rounds >= 1: "scratch", or "previous" (fine-tune the last round's
-                                   # best weights with a fresh optimiser)
-    finetune_lr: float | None = None  # lr when fine-tuning (None: lr)
-    model_choice: str = "best"     # "best": the epoch with the best validation rsum; "average": the
-    average_epochs: int = 10       # uniform weight average of the last `average_epochs` epochs
-    batching: str = "random"       # "random": a seeded shuffle per epoch; "clustered": batches of look-alikes
-                                   # (pairs grouped by k-means of their images' frozen features), so the loss
-                                   # sees the hard negatives selection added (`pair_groups`)
-    model: ModelConfig = field(default_factory=ModelConfig)
-
-    def __post_init__(self):
-        ok = self.num_workers == "auto" or (isinstance(self.num_workers, int) and self.num_workers >= 0)
-        if not ok:
-            raise ConfigError(f"train.num_workers must be 'auto' or an integer >= 0, got {self.num_workers!r}")
-        if self.model_choice not in ("best", "average") or self.average_epochs < 1:
-            raise ConfigError(f"train.model_choice must be 'best' or 'average' (average_epochs >= 1), got "
-                              f"{self.model_choice!r}, {self.average_epochs}")
-        if self.batching not in ("random", "clustered"):
-            raise ConfigError(f"train.batching must be 'random' or 'clustered', got {self.batching!r}")
-        if self.init not in ("scratch", "previous"):
-            raise ConfigError(f"train.init must be 'scratch' or 'previous', got {self.init!r}")
-        if not isinstance(self.threads, int) or self.threads < 1:
-            raise ConfigError(f"train.threads must be an integer >= 1, got {self.threads!r}")
-        checks = [
-            (_int(self.batch_size) and self.batch_size >= 2,
-             f"train.batch_size must be an integer >= 2 (a batch's other pairs are its negatives), got {self.batch_size!r}"),
-            (_int(self.epochs) and self.epochs >= 1, f"train.epochs must be an integer >= 1, got {self.epochs!r}"),
-            (_num(self.lr) and self.lr > 0, f"train.lr must be > 0, got {self.lr!r}"),
-            (self.finetune_lr is None or (_num(self.finetune_lr) and self.finetune_lr > 0),
-             f"train.finetune_lr must be > 0, got {self.finetune_lr!r}"),
-            (_num(self.weight_decay) and self.weight_decay >= 0,
-             f"train.weight_decay must be >= 0, got {self.weight_decay!r}"),
-            (_num(self.margin) and self.margin >= 0, f"train.margin must be >= 0, got {self.margin!r}"),
-            (_int(self.warmup_epochs) and self.warmup_epochs >= 0,
-             f"train.warmup_epochs must be an integer >= 0, got {self.warmup_epochs!r}"),
-            (_int(self.checkpoint_every) and self.checkpoint_every >= 1,
-             f"train.checkpoint_every must be an integer >= 1, got {self.checkpoint_every!r}"),
-        ]
-        for ok, msg in checks:
-            if not ok:
-                raise ConfigError(msg)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
-        d = dict(d)
-        d["model"] = ModelConfig(**d.get("model", {}))
-        return cls(**d)
+from hnal_ray.retrieval.model import DualEncoder
 
 
 def epoch_batches(n_pairs: int, batch_size: int, seed: int, epoch: int, rank: int, world: int,
@@ -184,11 +119,3 @@ def load_best(checkpoint_dir: str | Path) -> tuple[DualEncoder, dict]:
     model = DualEncoder(ModelConfig(**meta["model"]))
     model.load_state_dict(torch.load(d / "best.pt", map_location="cpu"))
     return model.eval(), meta
-
-
-def _int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _num(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and v == v

@@ -26,7 +26,7 @@ from hnal_ray.score.baselines import coreset_select
 from hnal_ray.score.clusters import quota_select, visit_plan
 from hnal_ray.score.kmeans import fit_centres, fit_fraction, in_fit, lloyd_update
 from hnal_ray.score.coverage import SLACK, Candidates, greedy_cover
-from hnal_ray.config import HERDING, ScoreConfig, ScoreInputs
+from hnal_ray.config import HERDING, ScoreConfig, ScoreInputs, key_fields
 from hnal_ray.score import herding
 from hnal_ray.score.kmeans import cluster_labels
 from hnal_ray.device import faiss_uses_gpu, pick_device
@@ -79,8 +79,8 @@ class LocalBackend:
 
 def run_key(inputs: ScoreInputs, cfg: ScoreConfig) -> str:
     """Content fingerprint of the inputs and of the options that decide the outputs
-    (`ScoreConfig.result_fields`): a finished run is reused whatever the shards or actors."""
-    blob = json.dumps({"inputs": input_fingerprint(inputs), "config": cfg.result_fields(), "version": 4},
+    (`config.key_fields`): a finished run is reused whatever the shards or actors."""
+    blob = json.dumps({"inputs": input_fingerprint(inputs), "config": key_fields(cfg), "version": 4},
                       sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
