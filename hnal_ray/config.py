@@ -10,19 +10,21 @@ QUOTAS = ("equal", "proportional", "hardness", "uncovered")
 WITHIN = ("hardest", "random", "central", "typical")
 SIDES = ("image", "text")
 PRECISIONS = ("fp32", "fp16", "bf16")
+METHODS = ("exact", "pruned")
 
 
 class ConfigError(ValueError):
     """A bad option value; the message names the option."""
 
 
-def opt(default, help: str, choices: tuple | None = None, cli: str | None = None, key: bool | tuple = True):
+def opt(default, help: str, choices: tuple | None = None, cli: str | None = None, key: bool | str | tuple = True):
     """A config field declared once: its default, its help and its choices, from which the command
     line (`cli.add_config_args`), the Python API (`api.select`), the loop's YAML (`StrategyConfig`)
     and the run key (`key_fields`) are derived. `dataclasses.MISSING` marks a required option. `cli`
     names a special command-line parser (`threshold_batch`: 'full' or an integer; `workers`: 'auto'
     or an integer; `auto_bool`: auto, true or false). `key`: whether the field decides the outputs
-    (False: where or how the work runs), or the strategies for which it does."""
+    (False: where or how the work runs), the strategies for which it does, or "if-set": only away from
+    its default (an option added later: earlier finished runs keep their key)."""
     meta = {"help": help, "choices": choices, "cli": cli, "key": key}
     return field(metadata=meta) if default is dataclasses.MISSING else field(default=default, metadata=meta)
 
@@ -33,9 +35,9 @@ def key_fields(cfg) -> dict:
     same for any of these: tests/test_ray_score.py, tests/test_streaming.py)."""
     out = {}
     for f in dataclasses.fields(cfg):
-        key = f.metadata.get("key", True)
-        if key is True or (key and cfg.strategy in key):
-            out[f.name] = getattr(cfg, f.name)
+        key, value = f.metadata.get("key", True), getattr(cfg, f.name)
+        if key is True or (key == "if-set" and value != f.default) or (isinstance(key, tuple) and cfg.strategy in key):
+            out[f.name] = value
     return out
 
 
@@ -97,6 +99,10 @@ class ScoreConfig:
                                 "neighbour)", key=HERDING)
     precision: str = opt("fp32", "GEMM inputs; fp16/bf16 recompute the pairs their error bound cannot decide in "
                                  "float64 (the same results; for tensor cores)", PRECISIONS)
+    method: str = opt("exact", "how the hard-negative scores are computed: every (pool, anchor) product, or pruned: "
+                               "skip the (pool item, anchor cluster) products a bound proves add nothing (faster when "
+                               "the anchors cluster; the same margins, scores summed in another float32 order; fp32 "
+                               "only)", METHODS, key="if-set")
 
     def __post_init__(self):
         checks = [
@@ -127,6 +133,9 @@ class ScoreConfig:
             (0.0 < self.purity <= 1.0, f"--purity must be in (0, 1], got {self.purity}"),
             (self.bandwidth >= 0.0, f"--bandwidth must be >= 0 (0: automatic), got {self.bandwidth}"),
             (self.precision in PRECISIONS, f"--precision must be one of {PRECISIONS}, got {self.precision!r}"),
+            (self.method in METHODS, f"--method must be one of {METHODS}, got {self.method!r}"),
+            (self.method == "exact" or self.precision == "fp32",
+             "--method pruned computes in fp32; --precision fp16/bf16 is the other exact fast path, not both"),
         ]
         for ok, msg in checks:
             if not ok:

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from helpers import quantized
-from hnal_ray.score.approx import build_margin_index, default_nlist, score_pool_approx
+from hnal_ray.bench.approx import build_margin_index, default_nlist, score_pool_approx
 from hnal_ray.score.reference import dense_scores, dense_select
 from hnal_ray.score.selection import select_top
 from hnal_ray.data.synthetic import clustered_embeddings, unit

@@ -21,11 +21,13 @@ OTHER = {"budget": 5, "strategy": "cluster", "weight": "counting", "k": 2, "thre
          "cluster_sample": 29, "max_points_per_centroid": 31, "fit_iters": 3, "max_clusters": 37,
          "min_cluster_size": 4, "typical_cap": 41, "wait": True, "candidates": 43, "support": 47, "purity": 0.5,
          "bandwidth": 0.25, "precision": "bf16"}
+# options whose other value goes with defaults of the ones above (--method pruned computes in fp32)
+ALSO = {"method": "pruned"}
 
 
 def test_every_field_has_help_a_test_value_and_reaches_the_command_line():
     fields = {f.name: f for f in dataclasses.fields(ScoreConfig)}
-    assert set(fields) == set(OTHER), "a new ScoreConfig field needs a value here"
+    assert set(fields) == set(OTHER) | set(ALSO), "a new ScoreConfig field needs a value here"
     assert all(f.metadata.get("help") for f in fields.values())
     argv = ["score", "--paired-images", "a", "--paired-texts", "b", "--pool", "c", "--out", "o"]
     for name, value in OTHER.items():
@@ -44,6 +46,9 @@ def test_every_field_has_help_a_test_value_and_reaches_the_command_line():
     with pytest.raises(SystemExit):  # a value outside the declared choices is argparse's error
         build_parser().parse_args(argv[:-2] + ["--precision", "fp64"])
     assert choices["strategy"] == hnal_ray.config.STRATEGIES
+    for name, value in ALSO.items():
+        assert value != fields[name].default and getattr(build_parser().parse_args(
+            argv[:9] + ["--budget", "5", "--" + name.replace("_", "-"), value]), name) == value
 
 
 def test_the_api_takes_every_field_and_refuses_others(tmp_path):
@@ -65,6 +70,7 @@ def test_loop_strategies_share_the_declarations(tmp_path):
     for name in set(OTHER) - set(LOOP_SETS):
         assert fields[name].default == ScoreConfig.__dataclass_fields__[name].default, name
     mine = {n: v for n, v in OTHER.items() if n not in LOOP_SETS}
+    assert set(ALSO) <= set(fields)
     (tmp_path / "run.yaml").write_text(yaml.safe_dump({
         "data": "d", "features": "f", "budget": 5,
         "strategies": [{"name": "x", **mine}, {"name": "y", "strategy": "random", "switch_at": 10,
@@ -83,7 +89,7 @@ def test_the_run_key_holds_exactly_the_fields_declared_to_decide_the_outputs(tmp
     for strategy in ("cluster", "probcover"):
         base = ScoreConfig(budget=6, strategy=strategy, quota="uncovered", within="typical")
         key = run_key(inputs, base)
-        for name, value in OTHER.items():
+        for name, value in (OTHER | ALSO).items():
             if name in ("strategy", "within", "quota"):
                 continue
             changed = run_key(inputs, dataclasses.replace(base, **{name: value}))

@@ -1,4 +1,6 @@
 """Oracle tests: the pruned and the fused dense kernels against the dense float64 reference."""
+import json
+
 import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
@@ -137,3 +139,38 @@ def test_fused_dense_matches_reference(weight, blocks):
     res = score_pool_dense(pool, anchors, th, weight, block_pool=blocks[0], block_anchor=blocks[1])
     assert_same_as_reference(res, pool, anchors, th, weight)
     np.testing.assert_array_equal(res.scores, score_pool(pool, anchors, th, weight).scores)
+
+
+@pytest.mark.parametrize("side", ["image", "text"])
+@pytest.mark.parametrize("weight,strategy,k", [("surplus", "hard-negative", 1), ("counting", "hard-negative", 2),
+                                               ("surplus", "coverage", 1), ("counting", "cluster", 1)])
+def test_method_pruned_through_hnal_score(tmp_path, side, weight, strategy, k):
+    """`hnal score --method pruned` against the dense reference and `--method exact`: on sign vectors
+    every float32 sum is exact, so the outputs are equal to the last bit (on other data the scores
+    differ by float32 summation order: test_continuous_unit_vectors_agree_to_float32_rounding)."""
+    import pyarrow.parquet as pq
+
+    from helpers import dense_run, write_inputs
+    from hnal_ray.cli import main
+
+    paths, raw = write_inputs(tmp_path / "in", np.random.default_rng(11 + k), n_images=40, n_pool=90, side=side)
+    args = ["score", "--paired-images", str(paths["paired_images"]), "--paired-texts", str(paths["paired_texts"]),
+            "--pool", str(paths["pool"]), "--budget", "12", "--side", side, "--weight", weight, "--k", str(k),
+            "--strategy", strategy, "--shard-rows", "25", "--stream-rows", "9", "--block-anchor", "7"]
+    out = {m: tmp_path / m for m in ("exact", "pruned")}
+    for method, d in out.items():
+        assert main(args + ["--method", method, "--out", str(d)]) == 0
+    summary = json.loads((out["pruned"] / "summary.json").read_text())
+    assert summary["config"]["method"] == "pruned" and "anchor_kmeans_s" in summary["timings"]
+    for name in ("selection.parquet", "scores.parquet"):
+        assert pq.read_table(out["pruned"] / name).equals(pq.read_table(out["exact"] / name)), name
+    if strategy == "hard-negative":
+        want, _ = dense_run(raw, side, weight, k, 12)
+        assert pq.read_table(out["pruned"] / "selection.parquet").column(0).to_pylist() == want.tolist()
+
+
+def test_method_pruned_is_refused_with_low_precision():
+    from hnal_ray.config import ConfigError, ScoreConfig
+
+    with pytest.raises(ConfigError, match="--method pruned computes in fp32"):
+        ScoreConfig(budget=3, method="pruned", precision="bf16")

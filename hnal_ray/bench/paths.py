@@ -154,7 +154,7 @@ def _faiss_range(pool, anchors, xi, cfg, device, block=32768):
 
 
 def _approx(pool, anchors, xi, cfg, device, nprobe=8, top_m=64):
-    from hnal_ray.score.approx import build_margin_index, score_pool_approx
+    from hnal_ray.bench.approx import build_margin_index, score_pool_approx
 
     t = time.perf_counter()
     index = build_margin_index(anchors, xi, seed=cfg.seed)

@@ -27,7 +27,7 @@ from hnal_ray.score.clusters import quota_select, visit_plan
 from hnal_ray.score.kmeans import fit_centres, fit_fraction, in_fit, lloyd_update
 from hnal_ray.score.coverage import SLACK, Candidates, greedy_cover
 from hnal_ray.config import HERDING, ScoreConfig, ScoreInputs, key_fields
-from hnal_ray.score import herding
+from hnal_ray.score import herding, pruning
 from hnal_ray.score.kmeans import cluster_labels
 from hnal_ray.device import faiss_uses_gpu, pick_device
 from hnal_ray.io import InputError, read_embeddings, read_json, read_ids, read_rows, write_json, write_parquet
@@ -38,6 +38,7 @@ from hnal_ray.score.thresholds import kth, merge_topk, minibatch_thresholds
 from hnal_ray.score.worker import Anchors, ScoreTask, ScoreWorker, ShardResult, ShardSpec, score_table
 
 log = logging.getLogger(__name__)
+ANCHOR_CLUSTERS = 256  # --method pruned: k-means clusters of the anchors
 GREEDY = ("coverage", *HERDING)  # picks proved on the driver from each shard's candidates
 
 
@@ -132,12 +133,15 @@ def _run_locked(inputs: ScoreInputs, cfg: ScoreConfig, out: Path, make_backend) 
         thresholds = _thresholds(plan, cfg, backend, work, timings)
         centres = _centres(plan, cfg, backend, work, timings) if cfg.strategy == "cluster" else None
         herd = _herding(plan, cfg, timings) if cfg.strategy in HERDING else None
+        anchor_clusters = _anchor_clusters(plan, cfg, timings) if cfg.method == "pruned" and thresholds is not None \
+            else None
         m = manifest.get("candidates") or cfg.candidates or 4 * cfg.budget  # greedy: candidates per shard
         t = time.perf_counter()
         while True:
             task = ScoreTask(cfg.strategy, cfg.weight, cfg.budget, cfg.seed, cfg.block_pool, cfg.block_anchor,
                              centres=centres, within=cfg.within, quota=cfg.quota, stream_rows=cfg.stream_rows,
-                             precision=cfg.precision, candidates=m, **(herd.task_fields() if herd else {}))
+                             precision=cfg.precision, candidates=m, anchor_clusters=anchor_clusters,
+                             **(herd.task_fields() if herd else {}))
             todo = [s for s in specs if not _shard_done(work, manifest, s.index)]
             tasks = [task] * len(todo)
             results = backend.score(todo, tasks, plan.anchors if thresholds is not None else None, thresholds,
@@ -206,6 +210,15 @@ class Herding:
     def summary(self) -> dict:
         return {"support": len(self.support), "support_fraction": self.fraction, "kernel": self.kernel.kind,
                 "scale": self.kernel.scale, "mean_coverage_of_paired": float(self.covered.mean()) if len(self.covered) else 0.0}
+
+
+def _anchor_clusters(plan: Plan, cfg: ScoreConfig, timings: dict) -> pruning.AnchorClusters:
+    """--method pruned: a seeded k-means of the anchors, fitted once here and sent with every shard (any
+    clustering gives the same numbers; a good one skips more)."""
+    t = time.perf_counter()
+    clusters = pruning.cluster_anchors(plan.anchors.emb, ANCHOR_CLUSTERS, cfg.seed)
+    timings["anchor_kmeans_s"] = time.perf_counter() - t
+    return clusters
 
 
 def _herding(plan: Plan, cfg: ScoreConfig, timings: dict) -> Herding:

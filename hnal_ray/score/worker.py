@@ -23,6 +23,7 @@ from hnal_ray.score.kmeans import assign, in_fit, lloyd_sums
 from hnal_ray.device import peak_mib, pick_device, set_threads
 from hnal_ray.io import embedding_array, iter_embeddings, write_parquet
 from hnal_ray.score.lowprec import score_pool_lowprec
+from hnal_ray.score.pruning import AnchorClusters, score_pool_pruned
 from hnal_ray.score.scoring import score_pool
 from hnal_ray.score.coverage import Candidates, empty_candidates, shard_candidates
 from hnal_ray.score import herding
@@ -75,6 +76,7 @@ class ScoreTask:
     support: np.ndarray | None = None  # probcover/maxherding: (|U|, d) float64 support rows
     covered: np.ndarray | None = None  # probcover/maxherding: (|U|,) float64 coverage by the paired items
     kernel: herding.Kernel | None = None
+    anchor_clusters: AnchorClusters | None = None  # method pruned: k-means of the anchors (hnal_ray.score.pruning)
 
 
 @dataclass(frozen=True)
@@ -222,8 +224,14 @@ class ScoreWorker:
 
     def _hardness(self, emb, task: ScoreTask, anchors, thresholds) -> np.ndarray:
         """The hard-negative score of each row (for quota hardness when the order within a cluster is not)."""
-        return score_pool(emb, anchors.emb, thresholds, task.weight, self.device, task.block_pool,
-                          task.block_anchor).scores
+        return self._exact(emb, task, anchors, thresholds).scores
+
+    def _exact(self, emb, task: ScoreTask, anchors, thresholds):
+        """hnal_ray.score.scoring.score_pool, or its pruned form (the same numbers, fewer products)."""
+        if task.anchor_clusters is not None:
+            return score_pool_pruned(emb, anchors.emb, thresholds, task.weight, self.device, task.block_pool,
+                                     task.block_anchor, clusters=task.anchor_clusters)
+        return score_pool(emb, anchors.emb, thresholds, task.weight, self.device, task.block_pool, task.block_anchor)
 
     def _score_block(self, ids, emb, task: ScoreTask, anchors, thresholds):
         """(scores, max_margin, cluster or None, pairs, pairs recomputed) of one block; every value is
@@ -242,7 +250,7 @@ class ScoreWorker:
             res = score_pool_lowprec(emb, anchors.emb, thresholds, task.weight, self.device, task.block_pool,
                                      max(task.block_anchor, 8192), LOW[task.precision])
             return res.scores, res.max_margin, cluster, res.pairs, res.recomputed
-        res = score_pool(emb, anchors.emb, thresholds, task.weight, self.device, task.block_pool, task.block_anchor)
+        res = self._exact(emb, task, anchors, thresholds)
         return res.scores, res.max_margin, cluster, res.pairs, 0
 
 
