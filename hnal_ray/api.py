@@ -55,6 +55,8 @@ def select(paired_images: TableLike, paired_texts: TableLike, pool: TableLike, b
     Bad input raises `InputError` (naming the file, or the argument for in-memory inputs) and bad
     options `ConfigError`, as the command line reports them.
     """
+    from hnal_ray.cluster.score import run_score_job
+
     known = {f.name for f in dataclasses.fields(ScoreConfig)}
     unknown = sorted(set(options) - known)
     if unknown:
@@ -67,7 +69,7 @@ def select(paired_images: TableLike, paired_texts: TableLike, pool: TableLike, b
                  (("paired_images", paired_images), ("paired_texts", paired_texts), ("pool", pool))}
         target = Path(out) if out is not None else scratch / "out"
         try:
-            summary = _run_score(ScoreInputs(**paths), cfg, target)
+            summary = run_score_job(ScoreInputs(**paths), cfg, target)
         except InputError as exc:
             msg = str(exc)
             for tmp, label in named.items():
@@ -77,21 +79,6 @@ def select(paired_images: TableLike, paired_texts: TableLike, pool: TableLike, b
                          summary)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-
-
-def _run_score(inputs: ScoreInputs, cfg: ScoreConfig, out: Path) -> dict:
-    from hnal_ray.score.job import finished_summary
-
-    done = finished_summary(inputs, cfg, out)  # before Ray starts: a finished re-run costs no cluster
-    if done is not None:
-        return done
-    if cfg.shards > 0:
-        from hnal_ray.cluster.score import run_score_on_ray
-
-        return run_score_on_ray(inputs, cfg, out)
-    from hnal_ray.score.job import run_score
-
-    return run_score(inputs, cfg, out)
 
 
 def _as_path(value: TableLike, role: str, scratch: Path, named: dict) -> str:

@@ -210,22 +210,24 @@ def cmd_train(a: argparse.Namespace) -> int:
 
 
 def cmd_eval(a: argparse.Namespace) -> int:
-    import torch
-
     from hnal_ray.data.splits import split_ids
+    from hnal_ray.device import pick_device
     from hnal_ray.data.features import load_features
     from hnal_ray.retrieval.training import evaluate, load_best
 
+    device = pick_device("auto")
     model, _ = load_best(a.checkpoint)
     feats = load_features(a.features, image_maps=model.image_block is not None).subset(split_ids(a.data, a.split))
-    print(json.dumps(evaluate(model, feats, torch.device("cpu"))))
+    print(json.dumps(evaluate(model.to(device), feats, device)))
     return 0
 
 
 def cmd_embed(a: argparse.Namespace) -> int:
+    from hnal_ray.device import pick_device
     from hnal_ray.retrieval.embed import embed_dir
 
-    print(json.dumps({k: str(v) for k, v in embed_dir(a.checkpoint, a.features, a.out).items()}))
+    paths = embed_dir(a.checkpoint, a.features, a.out, pick_device("auto"))
+    print(json.dumps({k: str(v) for k, v in paths.items()}))
     return 0
 
 

@@ -1,16 +1,37 @@
 """Project rules that code review would otherwise have to catch (../shared/STYLE.md, docs/architecture.md)."""
 import ast
+import re
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 PKG = REPO / "hnal_ray"
 
-# Stages from the bottom up: a module may import its own stage and the stages strictly below it.
-LAYER = {"io": 0, "config": 0, "device": 0,          # shared by every stage
-         "data": 1, "score": 1,                       # pure stages
-         "retrieval": 2,                              # pure, trains on data's feature tables
-         "cluster": 3,                                # everything that imports Ray
-         "loop": 4, "bench": 5, "api": 6, "cli": 7, "__init__": 7}
+def drawn_arrows(text: str) -> dict[str, set[str]]:
+    """The stage arrows docs/architecture.md draws, from its ```arrows block: {stage: stages it imports}."""
+    block = re.search(r"```arrows\n(.*?)```", text, re.S).group(1)
+    arrows = {}
+    for line in block.strip().splitlines():
+        src, _, dst = line.partition("->")
+        arrows.setdefault(src.strip(), set()).update(d.strip() for d in dst.split(","))
+    return arrows
+
+
+def reachable(arrows: dict[str, set[str]]) -> dict[str, set[str]]:
+    """Each stage's stages below it: the arrows followed transitively, plus the shared modules."""
+    out = {}
+    for start in set(arrows) | {d for ds in arrows.values() for d in ds}:
+        seen, todo = set(), [start]
+        while todo:
+            for d in arrows.get(todo.pop(), ()):
+                if d not in seen:
+                    seen.add(d), todo.append(d)
+        out[start] = (seen | arrows.get("*", set())) - {start, "*"}
+    out["__init__"] = set(out) - {"__init__", "*"}  # the package's lazy re-exports
+    return out
+
+
+ARROWS = drawn_arrows((REPO / "docs" / "architecture.md").read_text())
+BELOW = reachable(ARROWS)
 
 
 def imports(path: Path) -> list[ast.ImportFrom | ast.Import]:
@@ -54,8 +75,14 @@ def project_imports(path: Path, known: dict[str, Path]) -> set[str]:
     return out - {"hnal_ray"}
 
 
-def test_every_module_belongs_to_a_stage():
-    assert sorted({stage(m) for m in package_modules()} - LAYER.keys()) == []
+def stage_imports() -> set[tuple[str, str]]:
+    known = package_modules()
+    return {(stage(m), stage(dep)) for m, p in known.items() for dep in project_imports(p, known)
+            if stage(dep) != stage(m)}
+
+
+def test_every_module_belongs_to_a_drawn_stage():
+    assert sorted({stage(m) for m in package_modules()} - BELOW.keys()) == []
 
 
 def test_only_the_cluster_package_imports_ray():
@@ -64,11 +91,24 @@ def test_only_the_cluster_package_imports_ray():
     assert offenders == []
 
 
-def test_imports_point_down_the_stages():
+def test_imports_follow_the_drawn_arrows():
     known = package_modules()
     wrong = [f"{m} -> {dep}" for m, p in known.items() for dep in project_imports(p, known)
-             if stage(dep) != stage(m) and LAYER[stage(dep)] >= LAYER[stage(m)]]
+             if stage(dep) != stage(m) and stage(dep) not in BELOW[stage(m)]]
     assert wrong == []
+
+
+def test_every_drawn_arrow_is_an_import():
+    """No stale arrow: each one drawn between two stages is an import some module makes."""
+    used = stage_imports()
+    stale = [f"{src} -> {dst}" for src, dsts in ARROWS.items() if src != "*" for dst in dsts
+             if (src, dst) not in used]
+    assert stale == []
+
+
+def test_the_drawn_stages_have_no_cycle_and_siblings_stay_apart():
+    assert all(s not in BELOW[s] for s in BELOW)
+    assert "data" not in BELOW["score"] and "score" not in BELOW["data"]
 
 
 def test_no_import_cycles():
@@ -114,7 +154,9 @@ def test_the_layout_rules_catch_a_violation(tmp_path):
     known = {module_name(p, tmp_path): p for p in pkg.rglob("*.py")}
     deps = {m: project_imports(p, known) for m, p in known.items()}
     assert deps == {"hnal_ray.score.job": {"hnal_ray.loop.driver"}, "hnal_ray.loop.driver": {"hnal_ray.score.job"}}
-    assert LAYER[stage("hnal_ray.loop.driver")] >= LAYER[stage("hnal_ray.score.job")]
+    assert stage("hnal_ray.loop.driver") not in BELOW[stage("hnal_ray.score.job")]
+    arrows = drawn_arrows("```arrows\na -> b\nb -> c, d\n* -> io\n```")
+    assert reachable(arrows)["a"] == {"b", "c", "d", "io"} and reachable(arrows)["c"] == {"io"}
 
 
 def test_the_architecture_page_names_every_module():

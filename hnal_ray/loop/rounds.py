@@ -5,6 +5,7 @@ trains -> evaluates, and writes its `state.json` atomically when done.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -19,8 +20,10 @@ import pyarrow.parquet as pq
 import torch
 
 from hnal_ray.config import ConfigError, ScoreInputs
+from hnal_ray.cluster.score import run_score_job
 from hnal_ray.data.features import FeatureSet, load_features
 from hnal_ray.data.splits import split_ids
+from hnal_ray.device import pick_device
 from hnal_ray.io import embedding_array, read_embeddings, read_json, write_json, write_parquet
 from hnal_ray.loop.annotate import OracleAnnotator
 from hnal_ray.loop.config import LoopConfig, StrategyConfig
@@ -101,72 +104,151 @@ def read_state(out: Path, strategy: str | None, seed: int, r: int) -> dict | Non
 def run_round(cfg: LoopConfig, out: str, strategy: StrategyConfig | None, seed: int, r: int,
               prev: dict | None) -> dict:
     """One round, in whatever process it lands in (a Ray task or the driver); returns its state."""
-    t0 = time.perf_counter()
-    torch.set_num_threads(cfg.train.threads)
-    logging.getLogger("ray.train").setLevel(logging.WARNING)  # local mode logs every report at INFO
-    extra = tuple(prev.get("extra_texts", ())) if prev else ()
-    ctx = load_context(cfg.features, cfg.data, cfg.train.model.image_block_rank > 0).with_annotations(extra)
-    name = strategy.name if strategy else "seed-set"
-    d = round_dir(Path(out), strategy.name if strategy else None, seed, r)
-    timings: dict[str, float] = {}
+    rnd = Round.start(cfg, Path(out), strategy, seed, r, prev)
     if prev is None:
+        rnd.draw_seed_set()
+    else:
+        rnd.select()
+        if not rnd.annotate():  # people caption the picks: the round waits for them
+            return rnd.pending()
+    rnd.train()
+    rnd.evaluate()
+    return rnd.finish()
+
+
+@dataclasses.dataclass
+class Round:
+    """The state of one round as its stages fill it in; each stage records its wall time."""
+
+    cfg: LoopConfig
+    out: Path
+    strategy: StrategyConfig | None
+    seed: int
+    r: int
+    prev: dict | None
+    ctx: Context
+    device: torch.device
+    t0: float
+    extra: tuple[str, ...] = ()           # feature files of captions people wrote in this trajectory
+    timings: dict = dataclasses.field(default_factory=dict)
+    selected: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int64))
+    diagnostics: dict | None = None
+    paired: np.ndarray | None = None      # paired text ids after this round's annotations
+    seed_images: np.ndarray | None = None
+    checkpoint: str = ""
+    val_best: dict | None = None
+    reference: str | None = None
+    metrics: dict | None = None
+
+    @classmethod
+    def start(cls, cfg, out, strategy, seed, r, prev) -> "Round":
+        t0 = time.perf_counter()
+        torch.set_num_threads(cfg.train.threads)
+        logging.getLogger("ray.train").setLevel(logging.WARNING)  # local mode logs every report at INFO
+        extra = tuple(prev.get("extra_texts", ())) if prev else ()
+        ctx = load_context(cfg.features, cfg.data, cfg.train.model.image_block_rank > 0).with_annotations(extra)
+        # the one device choice of the round: a task granted a GPU sees it, others see none
+        return cls(cfg, out, strategy, seed, r, prev, ctx, pick_device("auto"), t0, extra)
+
+    @property
+    def name(self) -> str:
+        return self.strategy.name if self.strategy else "seed-set"
+
+    @property
+    def dir(self) -> Path:
+        return round_dir(self.out, self.strategy.name if self.strategy else None, self.seed, self.r)
+
+    @contextlib.contextmanager
+    def timed(self, key: str):
+        t = time.perf_counter()
+        yield
+        self.timings[key] = time.perf_counter() - t
+
+    def draw_seed_set(self) -> None:
+        """Round 0: the seed's seed set (every captioned train image with seed_size: all)."""
+        cfg, ctx = self.cfg, self.ctx
         if cfg.seed_size == "all":
             images = ctx.captioned_train
         else:
             if cfg.seed_size > len(ctx.captioned_train):
                 raise ConfigError(f"seed_size {cfg.seed_size} is larger than the {len(ctx.captioned_train)} "
                                   f"captioned train images of {cfg.data}")
-            rng = np.random.default_rng(seed)
-            images = np.sort(rng.choice(ctx.captioned_train, cfg.seed_size, replace=False))
-        paired, selected, diagnostics = ctx.feats.texts_of(images), np.zeros(0, np.int64), None
-    else:
-        pending = d / "pending.json"
-        if cfg.annotator == "manual" and pending.exists():  # selected in an earlier run: never reselect
+            images = np.sort(np.random.default_rng(self.seed).choice(ctx.captioned_train, cfg.seed_size,
+                                                                      replace=False))
+        self.seed_images, self.paired = images, ctx.feats.texts_of(images)
+
+    def select(self) -> None:
+        """Embed with the previous round's model, score and select, then the diagnostics; a manual
+        round selected in an earlier run keeps its selection (never reselected)."""
+        pending = self.dir / "pending.json"
+        if self.cfg.annotator == "manual" and pending.exists():
             saved = json.loads(pending.read_text())
-            selected, diagnostics, timings = np.asarray(saved["selected"], np.int64), saved["diagnostics"], saved["timings"]
-        else:
-            selected, emb = _select(cfg, ctx, strategy, seed, r, prev, d, timings)
-            t = time.perf_counter()
-            diagnostics = _diagnostics(ctx, strategy, selected, prev, emb, seed * 1000 + r)
-            timings["diagnostics_s"] = time.perf_counter() - t
+            self.selected, self.diagnostics = np.asarray(saved["selected"], np.int64), saved["diagnostics"]
+            self.timings = saved["timings"]
+            return
+        self.selected, emb = _select(self.cfg, self.ctx, self.strategy, self.seed, self.r, self.prev, self.dir,
+                                     self.timings, self.device)
+        with self.timed("diagnostics_s"):
+            self.diagnostics = _diagnostics(self.ctx, self.strategy, self.selected, self.prev, emb,
+                                            self.seed * 1000 + self.r)
+
+    def annotate(self) -> bool:
+        """The picks' captions: revealed by the oracle, or imported from people (False: not yet)."""
         t = time.perf_counter()
-        if cfg.annotator == "manual":
-            added = _captions_from_people(cfg, d, name, seed, r, selected, diagnostics, timings)
+        if self.cfg.annotator == "manual":
+            added = _captions_from_people(self.cfg, self.dir, self.name, self.seed, self.r, self.selected,
+                                          self.diagnostics, self.timings, self.device)
             if added is None:
-                return {"pending": str(d), "strategy": name, "seed": seed, "round": r, "selected": len(selected)}
-            new_texts, selected, features = added
-            extra += (features,)
-            ctx = ctx.with_annotations((features,))
+                return False
+            new_texts, self.selected, features = added
+            self.extra += (features,)
+            self.ctx = self.ctx.with_annotations((features,))
         else:
-            new_texts = ctx.annotator.annotate(strategy.side, selected)
-        paired = np.union1d(prev["paired_text_ids"], new_texts)
-        timings["annotate_s"] = time.perf_counter() - t
-    t = time.perf_counter()
-    init = prev["checkpoint"] if prev is not None and cfg.train.init == "previous" else None
-    checkpoint, val_best = _train(cfg, ctx, paired, seed, d, Path(out), f"{name}-s{seed}-r{r}", init, extra)
-    reference = prev.get("reference_checkpoint") if prev else None
-    if prev is None and any(s.reducible for s in cfg.strategies):
-        # the reference model of reducible hardness: trained once per seed on the validation pairs
-        # (held out from selection), validated on the seed set
-        reference, _ = _train(cfg, ctx, ctx.feats.texts_of(ctx.splits.val), seed, d, Path(out),
-                              f"reference-s{seed}", None, val=images, into="reference")
-    timings["train_s"] = time.perf_counter() - t
-    t = time.perf_counter()
-    model, _ = load_best(checkpoint)
-    metrics = evaluate(model, ctx.test, torch.device("cpu"))
-    timings["evaluate_s"] = time.perf_counter() - t
-    state = {"strategy": name, "seed": seed, "round": r, "paired_text_ids": paired.tolist(),
-             "paired_images": int(len(np.unique(ctx.feats.pairs(paired).image_ids))),
-             "selected": selected.tolist(), "annotated": (prev["annotated"] if prev else 0) + len(selected),
-             "checkpoint": checkpoint, "val_best": val_best, "test": metrics, "timings": timings,
-             "diagnostics": diagnostics, "extra_texts": list(extra), "reference_checkpoint": reference,
-             "seconds": time.perf_counter() - t0}
-    write_json(state, d / "state.json")  # atomic: the round counts as done only now
-    return state
+            new_texts = self.ctx.annotator.annotate(self.strategy.side, self.selected)
+        self.paired = np.union1d(self.prev["paired_text_ids"], new_texts)
+        self.timings["annotate_s"] = time.perf_counter() - t
+        return True
+
+    def pending(self) -> dict:
+        return {"pending": str(self.dir), "strategy": self.name, "seed": self.seed, "round": self.r,
+                "selected": len(self.selected)}
+
+    def train(self) -> None:
+        """The dual encoder on the paired set (from scratch or the last round's weights); in round 0,
+        the reference model of reducible hardness too (once per seed, on the validation pairs, held
+        out from selection, validated on the seed set)."""
+        cfg, ctx, prev = self.cfg, self.ctx, self.prev
+        with self.timed("train_s"):
+            init = prev["checkpoint"] if prev is not None and cfg.train.init == "previous" else None
+            self.checkpoint, self.val_best = _train(cfg, ctx, self.paired, self.seed, self.dir, self.out,
+                                                    f"{self.name}-s{self.seed}-r{self.r}", init, self.extra)
+            self.reference = prev.get("reference_checkpoint") if prev else None
+            if prev is None and any(s.reducible for s in cfg.strategies):
+                self.reference, _ = _train(cfg, ctx, ctx.feats.texts_of(ctx.splits.val), self.seed, self.dir,
+                                           self.out, f"reference-s{self.seed}", None, val=self.seed_images,
+                                           into="reference")
+
+    def evaluate(self) -> None:
+        with self.timed("evaluate_s"):
+            model, _ = load_best(self.checkpoint)
+            self.metrics = evaluate(model.to(self.device), self.ctx.test, self.device)
+
+    def finish(self) -> dict:
+        """The round's state.json, written atomically: the round counts as done only now."""
+        prev = self.prev
+        state = {"strategy": self.name, "seed": self.seed, "round": self.r, "paired_text_ids": self.paired.tolist(),
+                 "paired_images": int(len(np.unique(self.ctx.feats.pairs(self.paired).image_ids))),
+                 "selected": self.selected.tolist(), "annotated": (prev["annotated"] if prev else 0) + len(self.selected),
+                 "checkpoint": self.checkpoint, "val_best": self.val_best, "test": self.metrics,
+                 "timings": self.timings, "diagnostics": self.diagnostics, "extra_texts": list(self.extra),
+                 "reference_checkpoint": self.reference, "seconds": time.perf_counter() - self.t0}
+        write_json(state, self.dir / "state.json")
+        return state
 
 
 def _captions_from_people(cfg: LoopConfig, d: Path, name: str, seed: int, r: int, selected: np.ndarray,
-                          diagnostics: dict, timings: dict) -> tuple[np.ndarray, np.ndarray, str] | None:
+                          diagnostics: dict, timings: dict, device: torch.device
+                          ) -> tuple[np.ndarray, np.ndarray, str] | None:
     """annotator: manual. Before captions are imported: export the selection for people, save it
     (pending.json) and return None. After: (new text ids, the images captioned, their features)."""
     from hnal_ray.loop.manual import write_to_annotate
@@ -182,7 +264,7 @@ def _captions_from_people(cfg: LoopConfig, d: Path, name: str, seed: int, r: int
     features = d / "annotation_features.parquet"
     table = pq.read_table(captions)
     if not features.exists():  # encode the new captions once, with the run's text encoder
-        encoder = cfg.encoders.text_encoder("cpu", num_threads=cfg.train.threads)
+        encoder = cfg.encoders.text_encoder(device, num_threads=cfg.train.threads)
         emb = encoder.encode(table["text"].to_pylist())
         write_parquet(pa.table({"text_id": table["text_id"], "image_id": table["image_id"],
                                 "embedding": embedding_array(emb)}), features)
@@ -216,11 +298,11 @@ def _diagnostics(ctx: Context, strategy: StrategyConfig, selected: np.ndarray, p
 
 
 def _select(cfg: LoopConfig, ctx: Context, strategy: StrategyConfig, seed: int, r: int, prev: dict, d: Path,
-            timings: dict) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray]]:
+            timings: dict, device: torch.device) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray]]:
     """Embed paired set and pool with the previous round's model, then `hnal score` on them."""
     t = time.perf_counter()
     feats, paired = ctx.feats, np.asarray(prev["paired_text_ids"], np.int64)
-    img, txt = embed_features(prev["checkpoint"], feats)
+    img, txt = embed_features(prev["checkpoint"], feats, device)
     paired_images = np.unique(feats.text_owner[np.isin(feats.text_ids, paired)])
     emb = d / "embeddings"
     sel_img, sel_txt = img, txt
@@ -246,34 +328,26 @@ def _select(cfg: LoopConfig, ctx: Context, strategy: StrategyConfig, seed: int, 
                          str(pool_path))
     score_cfg = strategy.score_config(cfg.budget, seed * 1000 + r, cfg.shards, int(prev["paired_images"]))
     t = time.perf_counter()
-    if score_cfg.shards > 0:
-        from hnal_ray.cluster.score import run_score_on_ray
-
-        summary = run_score_on_ray(inputs, score_cfg, d / "score")
-    else:
-        from hnal_ray.score.job import run_score
-
-        summary = run_score(inputs, score_cfg, d / "score")
+    summary = run_score_job(inputs, score_cfg, d / "score")
     sel = pq.read_table(d / "score" / "selection.parquet").column(0).to_numpy().astype(np.int64)
     total = time.perf_counter() - t
     scored = summary["timings"].get("thresholds_s", 0.0) + summary["timings"].get("score_s", 0.0)
     timings["score_s"], timings["select_s"] = scored, max(total - scored, 0.0)
     if strategy.reducible:
         t = time.perf_counter()
-        sel = _reducible(cfg, ctx, strategy, score_cfg, prev, d, paired, paired_images, pool_path)
+        sel = _reducible(cfg, ctx, strategy, score_cfg, prev, d, paired, paired_images, pool_path, device)
         timings["score_s"] += time.perf_counter() - t
     return sel, (img, txt)
 
 
 def _reducible(cfg: LoopConfig, ctx: Context, strategy: StrategyConfig, score_cfg, prev: dict, d: Path,
-               paired: np.ndarray, paired_images: np.ndarray, pool_path: Path) -> np.ndarray:
+               paired: np.ndarray, paired_images: np.ndarray, pool_path: Path, device: torch.device) -> np.ndarray:
     """Reducible hardness (RHO-LOSS-style): the same scores under the reference model (trained on the
     validation pairs) subtracted from the current model's; the top B of the difference."""
-    from hnal_ray.score.job import run_score
     from hnal_ray.score.selection import select_reducible
 
     feats = ctx.feats
-    img, txt = embed_features(prev["reference_checkpoint"], feats)
+    img, txt = embed_features(prev["reference_checkpoint"], feats, device)
     emb = d / "embeddings-reference"
     write_embeddings(feats, img, txt, emb / "paired", paired_images, np.zeros(0, np.int64))
     _write_texts(feats, txt, paired, emb / "paired" / "captions.parquet")
@@ -281,7 +355,7 @@ def _reducible(cfg: LoopConfig, ctx: Context, strategy: StrategyConfig, score_cf
     write_embeddings(feats, img, txt, emb / "pool", pool_ids, np.zeros(0, np.int64))
     ref_inputs = ScoreInputs(str(emb / "paired" / "images.parquet"), str(emb / "paired" / "captions.parquet"),
                              str(emb / "pool" / "images.parquet"))
-    run_score(ref_inputs, score_cfg, d / "score-reference")
+    run_score_job(ref_inputs, score_cfg, d / "score-reference")
     cur = pq.read_table(d / "score" / "scores.parquet").sort_by("image_id")
     ref = pq.read_table(d / "score-reference" / "scores.parquet").sort_by("image_id")
     ranked = select_reducible(cur["image_id"].to_numpy(), cur["score"].to_numpy(), ref["image_id"].to_numpy(),

@@ -37,9 +37,10 @@ def write_embeddings(feats: FeatureSet, image_emb: np.ndarray, text_emb: np.ndar
             "captions": write_parquet(texts, out / "captions.parquet")}
 
 
-def embed_dir(checkpoint: str | Path, feature_dir: str | Path, out_dir: str | Path) -> dict[str, Path]:
+def embed_dir(checkpoint: str | Path, feature_dir: str | Path, out_dir: str | Path,
+              device: torch.device | None = None) -> dict[str, Path]:
     """`hnal embed`: every image and caption of a feature directory, embedded with a checkpoint."""
     model, _ = load_best(checkpoint)
     feats = load_features(feature_dir, image_maps=model.image_block is not None)
-    img, txt = embed_features(checkpoint, feats)
+    img, txt = embed_features(checkpoint, feats, device)
     return write_embeddings(feats, img, txt, out_dir)

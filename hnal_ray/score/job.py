@@ -20,6 +20,7 @@ from typing import Iterator, Protocol
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import torch
 from tqdm import tqdm
 
 from hnal_ray.score.baselines import coreset_select
@@ -119,8 +120,9 @@ def _run_locked(inputs: ScoreInputs, cfg: ScoreConfig, out: Path, make_backend) 
         return done
     plan = check_inputs(inputs, cfg)
     timings["check_inputs_s"] = time.perf_counter() - t0
+    device = pick_device(cfg.device)  # the driver's (workers choose theirs in their own process)
     if cfg.strategy == "coreset":
-        return _run_coreset(inputs, cfg, plan, out, key, t0, timings)
+        return _run_coreset(inputs, cfg, plan, out, key, t0, timings, device)
     specs = pool_shards(plan, cfg.shard_rows)
     n_shards = len(specs)
     t = time.perf_counter()
@@ -131,8 +133,8 @@ def _run_locked(inputs: ScoreInputs, cfg: ScoreConfig, out: Path, make_backend) 
         manifest = json.loads((work / "manifest.json").read_text())
         nonce = secrets.token_hex(6)  # this driver's workers write under names only it renames
         thresholds = _thresholds(plan, cfg, backend, work, timings)
-        centres = _centres(plan, cfg, backend, work, timings) if cfg.strategy == "cluster" else None
-        herd = _herding(plan, cfg, timings) if cfg.strategy in HERDING else None
+        centres = _centres(plan, cfg, backend, work, timings, device) if cfg.strategy == "cluster" else None
+        herd = _herding(plan, cfg, timings, device) if cfg.strategy in HERDING else None
         anchor_clusters = _anchor_clusters(plan, cfg, timings) if cfg.method == "pruned" and thresholds is not None \
             else None
         m = manifest.get("candidates") or cfg.candidates or 4 * cfg.budget  # greedy: candidates per shard
@@ -221,7 +223,7 @@ def _anchor_clusters(plan: Plan, cfg: ScoreConfig, timings: dict) -> pruning.Anc
     return clusters
 
 
-def _herding(plan: Plan, cfg: ScoreConfig, timings: dict) -> Herding:
+def _herding(plan: Plan, cfg: ScoreConfig, timings: dict, device: torch.device) -> Herding:
     """The support (a seeded per-row sample of pool and paired items, at most about --support), the
     kernel's scale (probcover: the purity radius of a k-means of the support; maxherding: --bandwidth
     or the kNN rule) and each support item's coverage by the paired items; on the driver."""
@@ -229,7 +231,6 @@ def _herding(plan: Plan, cfg: ScoreConfig, timings: dict) -> Herding:
     fraction = min(1.0, cfg.support / max(plan.n_pool + plan.n_keys, 1))
     support = np.concatenate([_fit_rows(plan.tables.pool_path, plan.tables.pool_id, cfg.seed, fraction, plan.dim),
                               _fit_rows(plan.tables.key_path, plan.tables.key_id, cfg.seed, fraction, plan.dim)])
-    device = pick_device(cfg.device)
     timings["herding_support_s"] = time.perf_counter() - t
     t = time.perf_counter()
     if cfg.strategy == "probcover":
@@ -259,7 +260,7 @@ def _n_clusters(plan: Plan, cfg: ScoreConfig) -> int:
     return max(1, min(k, plan.n_pool + paired))
 
 
-def _centres(plan: Plan, cfg: ScoreConfig, backend, work: Path, timings: dict) -> np.ndarray:
+def _centres(plan: Plan, cfg: ScoreConfig, backend, work: Path, timings: dict, device: torch.device) -> np.ndarray:
     """The k-means centres (hnal_ray.score.kmeans), checkpointed in the work dir after every step so
     a killed fit resumes from its last one.
 
@@ -290,7 +291,7 @@ def _centres(plan: Plan, cfg: ScoreConfig, backend, work: Path, timings: dict) -
         x = parts[0] if len(parts) == 1 else np.concatenate(parts)
         del parts
         timings["kmeans_sample_s"] = time.perf_counter() - t
-        centres = fit_centres(x, k, cfg.seed, gpu=faiss_uses_gpu(pick_device(cfg.device)))
+        centres = fit_centres(x, k, cfg.seed, gpu=faiss_uses_gpu(device))
         step = 0
         _save(kdir / "step-000.npy", centres)
         timings["kmeans_start_s"] = time.perf_counter() - t - timings["kmeans_sample_s"]
@@ -418,14 +419,14 @@ def _check_thresholds(thresholds: np.ndarray, cfg: ScoreConfig) -> None:
                          f"{' or a larger --threshold-batch' if cfg.threshold_batch else ' or a larger paired set'}")
 
 
-def _run_coreset(inputs, cfg, plan, out, key, t0, timings) -> dict:
+def _run_coreset(inputs, cfg, plan, out, key, t0, timings, device: torch.device) -> dict:
     """Greedy k-center is sequential over picks: it runs on the driver, over the whole pool."""
     t = time.perf_counter()
     pool = read_embeddings(plan.tables.pool_path, plan.tables.pool_id, dim=plan.dim)
     order = np.argsort(pool.ids, kind="stable")
     ids, emb = pool.ids[order], pool.emb[order]
     _, _, centers = load_keys_sorted(plan)
-    picked, at_pick, final = coreset_select(emb, centers, cfg.budget, pick_device(cfg.device))
+    picked, at_pick, final = coreset_select(emb, centers, cfg.budget, device)
     final[picked] = at_pick
     nan = np.full(len(ids), np.nan, np.float32)
     work = _work_dir(out, work_key(key, cfg))
