@@ -249,7 +249,7 @@ def cmd_loop(a: argparse.Namespace) -> int:
     return 0
 
 
-def _add_model_commands(sub) -> None:
+def _add_emoji_command(sub) -> None:
     em = sub.add_parser("emoji", help="the emoji image-text set from registry packages")
     em.add_argument("--out", required=True)
     em.add_argument("--seed", type=int, default=0)
@@ -275,7 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--dim", type=int, default=64)
     ex.add_argument("--seed", type=int, default=0)
     ex.set_defaults(func=cmd_data_example)
-    _add_model_commands(data)
+    _add_emoji_command(data)
     im = data.add_parser("import", help="your images and captions into a data folder (docs/data.md)")
     im.add_argument("src", help="image folder with metadata.jsonl/csv, img2dataset Parquet, WebDataset .tar(s), "
                                 "or a folder of precomputed embeddings")

@@ -54,7 +54,7 @@ def kill_when(cluster, node, ready, killed, timeout=120):
 
 @pytest.mark.parametrize("when", ["scoring", "kmeans-fit"])
 def test_a_lost_worker_node_gives_the_same_bytes(tmp_path, cluster, inputs, when):
-    from hnal_ray.cluster.score import RayBackend
+    from hnal_ray.cluster.actors import RayBackend
 
     c, workers = cluster
     kw = dict(budget=40, shards=2, shard_rows=1_500, stream_rows=500, seed=1)

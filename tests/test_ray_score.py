@@ -119,7 +119,7 @@ def test_killed_actor_is_restarted_and_only_its_shard_redone(tmp_path, inputs):
     import cloudpickle
 
     import faults
-    from hnal_ray.cluster.score import RayBackend
+    from hnal_ray.cluster.actors import RayBackend
     from hnal_ray.config import ScoreConfig, ScoreInputs
     from hnal_ray.score.job import run_score
 

@@ -76,7 +76,7 @@ def add_bench_parser(subparsers) -> None:
 
 
 def cmd_bench_score(a: argparse.Namespace) -> int:
-    from hnal_ray.bench.score import run_bench
+    from hnal_ray.bench.kernels import run_bench
     from hnal_ray.bench.table import format_table
     from hnal_ray.io import write_json
 

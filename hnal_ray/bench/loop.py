@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from hnal_ray.bench.score import machine
+from hnal_ray.bench.kernels import machine
 from hnal_ray.io import InputError
 from hnal_ray.loop.report import STAGES
 

@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from hnal_ray.bench.score import machine
+from hnal_ray.bench.kernels import machine
 from hnal_ray.config import ScoreConfig, ScoreInputs
 
 
@@ -50,7 +50,7 @@ def data_dir(cfg: SelectBenchConfig, n: int) -> Path:
 
 
 def _timed_run(inputs: ScoreInputs, score: ScoreConfig, out: Path, address: str | None) -> dict:
-    from hnal_ray.cluster.score import run_score_on_ray
+    from hnal_ray.cluster.actors import run_score_on_ray
     from hnal_ray.device import peak_mib, reset_peak
 
     shutil.rmtree(out, ignore_errors=True)  # a finished run would be skipped: time a fresh one

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
-from hnal_ray.bench.score import machine
+from hnal_ray.bench.kernels import machine
 from hnal_ray.config import ScoreConfig, ScoreInputs
 
 
@@ -63,7 +63,7 @@ def in_memory(cfg: StreamConfig, data: Path) -> tuple[float, np.ndarray]:
 
 
 def run_stream_bench(cfg: StreamConfig, address: str | None = None) -> dict:
-    from hnal_ray.cluster.score import run_score_on_ray
+    from hnal_ray.cluster.actors import run_score_on_ray
 
     load0 = os.getloadavg()[0]
     rows = []

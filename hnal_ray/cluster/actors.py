@@ -88,7 +88,10 @@ class RayBackend:
         """Run `method(*args)` for each args tuple on whichever actor is free; yield results as they
         finish. A call lost with its actor (a node gone, a process killed past Ray's own retries) is
         queued again, up to LOST_CALL_ATTEMPTS times, on an actor that is alive: an actor Ray gave up
-        on is replaced. Every call writes its outputs atomically, so running one again is safe."""
+        on is replaced. Every call writes its outputs atomically, so running one again is safe.
+        Not ray.util.ActorPool: in Ray 2.60 its get_next_unordered re-raises a lost call's error
+        without saying which call it was, so the call cannot be queued again, and a dead actor is
+        dropped, not replaced."""
         queue = [(args, 0) for args in calls]
         free, pending = list(range(len(self.actors))), {}
         while queue or pending:
