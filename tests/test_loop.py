@@ -1,11 +1,14 @@
 """The main job end to end: jobs/smoke.yaml on a local Ray (a subprocess, as a user runs it):
 the report, numbers independent of how many rounds run at once, and a killed run resuming."""
+import collections
+import html.parser
 import json
 import signal
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
@@ -15,6 +18,35 @@ REPO = Path(__file__).resolve().parents[1]
 
 def loop_cmd(out, sets):
     return [sys.executable, "-m", "hnal_ray.cli", "loop", "jobs/smoke.yaml", "--out", str(out), *sets]
+
+
+def html_tables(text: str) -> list[list[list[str]]]:
+    """Every <table> of a page as rows of cell texts (the standard library's parser, not the report's code)."""
+    class Tables(html.parser.HTMLParser):
+        def __init__(self):
+            super().__init__()
+            self.tables, self.cell = [], None
+
+        def handle_starttag(self, tag, attrs):
+            if tag == "table":
+                self.tables.append([])
+            elif tag == "tr":
+                self.tables[-1].append([])
+            elif tag in ("td", "th"):
+                self.cell = ""
+
+        def handle_endtag(self, tag):
+            if tag in ("td", "th"):
+                self.tables[-1][-1].append(self.cell.strip())
+                self.cell = None
+
+        def handle_data(self, data):
+            if self.cell is not None:
+                self.cell += data
+
+    parser = Tables()
+    parser.feed(text)
+    return parser.tables
 
 
 def loop(out, sets):
@@ -48,9 +80,23 @@ def test_smoke_run_writes_the_report(smoke):
     assert round0[0]["rsum"] == round0[1]["rsum"]   # one shared seed-set model per seed
     html = (out / "report.html").read_text()
     assert "curves.png" in html and "Why selected" in html and "Wall time per round" in html
-    # metrics: header + 6 rows; vs random, annotations to reach and diagnostics: header + 2 rows each;
-    # times: header + 3 groups (no clustered strategy here, so no control table)
-    assert html.count("<tr>") == 7 + 3 + 3 + 3 + 4
+    # the HTML tables hold the numbers of metrics.parquet, averaged here independently of the report code
+    tables = {t[0][0:3] == ["strategy", "round", "annotated"] and "metrics" or t[0][-1]: t for t in html_tables(html)}
+    by = collections.defaultdict(list)
+    for r in rows:
+        by[r["strategy"], r["round"]].append(r)
+    body = tables["metrics"][1:]
+    assert sorted((c[0], int(c[1])) for c in body) == sorted(by)
+    for c in body:
+        got = by[c[0], int(c[1])]
+        assert c[3].split(" ± ")[0] == f"{np.mean([r['r1_sum'] for r in got]):.1f}", c
+        assert c[4].split(" ± ")[0] == f"{np.mean([r['rsum'] for r in got]):.1f}", c
+    diff = [c for c in tables["paired 95% CI"][1:]]
+    assert sorted((c[0], int(c[1])) for c in diff) == [("surplus-top1", 1), ("surplus-top1", 2)]
+    for c in diff:
+        seeds = sorted({r["seed"] for r in rows})
+        r1 = {(r["strategy"], r["seed"]): r["r1_sum"] for r in rows if r["round"] == int(c[1])}
+        assert c[3] == f"{np.mean([r1['surplus-top1', s] - r1['random', s] for s in seeds]):+.1f}", c
     assert "Difference to random (paired by seed)" in html and "Selection diagnostics" in html
     assert "Annotations to reach random" in html and "against its control" not in html
     thumbs = list((out / "thumbs").glob("*.png"))
