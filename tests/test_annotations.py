@@ -130,7 +130,7 @@ def test_export_files(tmp_path):
     assert (out / "images" / "1.png").read_bytes() == originals[1] and (out / "images" / "4.png").read_bytes() == originals[4]
     assert 'value="$image"' in (out / "label_studio_config.xml").read_text()
     page = (out / "index.html").read_text()
-    assert page.count("<img ") == 2 and "href='images/1.png'" in page and "href='images/4.png'" in page
+    assert page.count("<img ") == 2 and 'href="images/1.png"' in page and 'href="images/4.png"' in page
     assert page.count("<textarea data-image-id=") == 2 and "captions.csv" in page
     assert "LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT" in (out / "README.txt").read_text()
 

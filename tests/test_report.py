@@ -7,8 +7,8 @@ import pytest
 
 from hnal_ray.cli import main
 from hnal_ray.loop.config import StrategyConfig
-from hnal_ray.loop.report import (annotations_to_reach, compare_runs, control_differences, control_pairs,
-                                 paired_differences)
+from hnal_ray.loop.stats import (annotations_to_reach, compare_runs, control_differences, control_pairs,
+                                 paired_differences, t95_half_width)
 
 
 def rows(strategy, values, rnd=1):
@@ -72,3 +72,60 @@ def test_annotations_to_reach_randoms_final_metric():
     assert got["fast"]["annotated"] == 100 and got["fast"]["fraction"] == pytest.approx(1 / 3)
     assert got["slow"]["annotated"] is None and got["slow"]["target"] == 36
     assert annotations_to_reach(curve("fast", [1, 2])) == []  # no baseline in the run
+
+
+def test_intervals_use_the_t_quantile_at_every_sample_size():
+    """Known quantiles (printed tables): t(0.975) is 12.706 at 1 degree of freedom, 2.0211 at 40;
+    the normal's 1.96 would be 3% too narrow at 41 seeds."""
+    for n, t in ((2, 12.7062), (41, 2.0211)):
+        d = np.arange(n, dtype=float)
+        assert t95_half_width(d) == pytest.approx(t * d.std(ddof=1) / np.sqrt(n), rel=1e-4)
+    assert np.isnan(t95_half_width(np.ones(1)))
+
+
+def test_the_score_job_keeps_its_thresholds(tmp_path):
+    """score/thresholds.parquet: every anchor's threshold, equal to the dense reference (sign vectors:
+    exact), for both sides and mini-batches; none for a strategy without thresholds."""
+    import hnal_ray
+    from helpers import write_inputs
+    from hnal_ray.score.reference import dense_thresholds
+
+    for side, batch in (("image", None), ("text", None), ("image", 8)):
+        paths, raw = write_inputs(tmp_path / f"in-{side}-{batch}", np.random.default_rng(3), n_pool=30, side=side)
+        out = tmp_path / f"out-{side}-{batch}"
+        hnal_ray.select(str(paths["paired_images"]), str(paths["paired_texts"]), str(paths["pool"]), 5, side=side,
+                        k=2, threshold_batch=batch, seed=4, out=out)
+        got = pq.read_table(out / "thresholds.parquet")
+        unit = {n: raw[n] / np.linalg.norm(raw[n], axis=1, keepdims=True) for n in ("text_emb", "image_emb")}
+        want = dense_thresholds(unit["text_emb"], raw["owner"], unit["image_emb"], raw["image_ids"], 2, side, batch, 4)
+        ids = raw["text_ids"] if side == "image" else raw["image_ids"]
+        assert got.column_names == ["text_id" if side == "image" else "image_id", "threshold"]
+        order = np.argsort(ids)
+        assert got.column(0).to_pylist() == ids[order].tolist()
+        np.testing.assert_allclose(got["threshold"].to_numpy(), want[order], rtol=0, atol=1e-6)
+    hnal_ray.select(str(paths["paired_images"]), str(paths["paired_texts"]), str(paths["pool"]), 5,
+                    strategy="random", out=out)
+    assert not (out / "thresholds.parquet").exists()  # a later run's outputs never keep an earlier run's
+
+
+def test_why_selected_reads_the_rounds_picks_and_thresholds(tmp_path):
+    """explain() takes the round's own picks (state["selected"]: after a switch or reducible
+    reranking too) and the thresholds its score job wrote; here thresholds no k recomputes."""
+    from hnal_ray.io import embedding_array
+    from hnal_ray.loop.report import explain
+
+    d = tmp_path / "round"
+    for sub in ("embeddings/paired", "embeddings/pool", "score"):
+        (d / sub).mkdir(parents=True)
+    texts = np.array([[1, 0], [0, 1], [0.6, 0.8]], np.float32)
+    pq.write_table(pa.table({"text_id": [10, 11, 12], "image_id": [1, 1, 2], "embedding": embedding_array(texts)}),
+                   d / "embeddings/paired/captions.parquet")
+    pool = np.array([[1, 0], [0, 1]], np.float32)
+    pq.write_table(pa.table({"image_id": [7, 8], "embedding": embedding_array(pool)}), d / "embeddings/pool/images.parquet")
+    pq.write_table(pa.table({"text_id": [10, 11, 12], "threshold": [0.5, 0.85, 0.7]}), d / "score/thresholds.parquet")
+    pq.write_table(pa.table({"image_id": [7, 8], "score": [0.6, 0.15]}), d / "score/scores.parquet")
+    got = explain({"selected": [8, 7]}, d, {10: "a", 11: "b", 12: "c"})
+    assert [g["image_id"] for g in got] == [8, 7] and [g["score"] for g in got] == [0.15, 0.6]
+    assert got[0]["texts_beaten"] == 2 and [(b["text"], round(b["margin"], 6)) for b in got[0]["beats"]] == \
+        [("b", 0.15), ("c", 0.1)]
+    assert got[1]["texts_beaten"] == 1 and [(b["text"], round(b["margin"], 6)) for b in got[1]["beats"]] == [("a", 0.5)]

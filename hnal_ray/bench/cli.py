@@ -150,7 +150,7 @@ def cmd_bench_compare(a: argparse.Namespace) -> int:
     import pyarrow.parquet as pq
 
     from hnal_ray.io import InputError
-    from hnal_ray.loop.report import compare_runs
+    from hnal_ray.loop.stats import compare_runs
 
     runs = []
     for d in (a.run_a, a.run_b):

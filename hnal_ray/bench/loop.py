@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 
 from hnal_ray.bench.kernels import machine
 from hnal_ray.io import InputError
-from hnal_ray.loop.report import STAGES
+from hnal_ray.loop.stats import STAGES
 
 
 

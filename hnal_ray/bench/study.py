@@ -10,7 +10,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from hnal_ray.io import InputError
-from hnal_ray.loop.report import annotations_to_reach, paired_differences, summarize
+from hnal_ray.loop.stats import annotations_to_reach, paired_differences, summarize
 
 # the protocol's order of simplicity, for ties within TIE of the best mean
 SIMPLER = ("maxherding", "typiclust", "probcover", "central-v1", "tcm")

@@ -21,7 +21,8 @@ from tqdm import tqdm
 from hnal_ray.config import ConfigError
 from hnal_ray.io import read_json, write_json
 from hnal_ray.loop.config import LoopConfig
-from hnal_ray.loop.report import STAGES, write_report
+from hnal_ray.loop.report import write_report
+from hnal_ray.loop.stats import STAGES
 from hnal_ray.loop.rounds import read_state, run_round
 from hnal_ray.score.outdir import out_lock
 from hnal_ray.score.plan import file_digest

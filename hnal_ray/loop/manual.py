@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import base64
 import csv
-import html
 import io
 import json
 import logging
@@ -28,6 +27,7 @@ import pyarrow.parquet as pq
 from hnal_ray.data.contract import image_column
 from hnal_ray.data.images import ImageError, thumbnail_png
 from hnal_ray.io import InputError, read_json, read_text, write_json, write_parquet
+from hnal_ray.loop.report import TEMPLATES
 
 log = logging.getLogger(__name__)
 LABEL_STUDIO_CONFIG = """<View>
@@ -80,19 +80,10 @@ def write_to_annotate(data_dir: str | Path, image_ids: np.ndarray, out: str | Pa
             except ImageError:
                 thumb = ""
             tasks.append({"data": {"image": f"/data/local-files/?d={name}", "image_id": i, "path": path}})
-            cards.append(f"<figure><a href='{name}' target='_blank'><img src='data:image/png;base64,{thumb}' "
-                         f"loading='lazy' alt='image {i}'></a><figcaption><b>{i}</b> {html.escape(Path(path).name)}"
-                         f"</figcaption><textarea data-image-id='{i}' rows='3' placeholder='one caption per line'>"
-                         f"</textarea></figure>")
+            cards.append({"file": name, "thumb": thumb, "image_id": i, "name": Path(path).name})
     (tmp / "label_studio_tasks.json").write_text(json.dumps(tasks))
     (tmp / "label_studio_config.xml").write_text(LABEL_STUDIO_CONFIG)
-    (tmp / "index.html").write_text(
-        f"<!doctype html><meta charset='utf-8'><title>{html.escape(title)}</title><style>body{{font-family:sans-serif}}"
-        "figure{display:inline-block;margin:6px;width:220px;vertical-align:top}img{max-width:200px;max-height:200px}"
-        "textarea{width:210px}</style>"
-        f"<h1>{html.escape(title)}</h1><p>{len(ids)} images to caption. Click an image to open it full size; type its "
-        "captions (one per line) in the box beside it; then <button id='save'>save captions.csv</button> and import "
-        "that file. (Or fill selected.csv, or use Label Studio: see README.txt.)</p>" + "".join(cards) + _SAVE_JS)
+    (tmp / "index.html").write_text(TEMPLATES.get_template("to_annotate.html.j2").render(title=title, cards=cards))
     (tmp / "README.txt").write_text(
         f"{title}\n\n{len(ids)} images to caption (ids in selected.csv; full-size files in images/).\n"
         "Either open index.html, type captions beside the images and save captions.csv; or fill the caption\n"
@@ -118,23 +109,6 @@ def _image_suffix(data: bytes) -> str:
             return suffix
     return ".webp" if data[8:12] == b"WEBP" else ".img"
 
-
-# the contact sheet's one script: the caption boxes as a CSV (image_id, caption; a row per line)
-_SAVE_JS = """<script>
-document.getElementById('save').onclick = function () {
-  var q = function (s) { return '"' + s.replace(/"/g, '""') + '"'; };
-  var rows = ['image_id,caption'];
-  document.querySelectorAll('textarea[data-image-id]').forEach(function (t) {
-    t.value.split('\\n').map(function (s) { return s.trim(); }).filter(Boolean).forEach(function (c) {
-      rows.push(t.dataset.imageId + ',' + q(c));
-    });
-  });
-  var a = document.createElement('a');
-  a.href = URL.createObjectURL(new Blob([rows.join('\\r\\n') + '\\r\\n'], {type: 'text/csv'}));
-  a.download = 'captions.csv';
-  document.body.appendChild(a); a.click();
-};
-</script>"""
 
 
 # ------------------------------------------------------------------------------------ import

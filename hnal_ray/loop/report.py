@@ -1,12 +1,12 @@
-"""The run report: learning curves (PNG), a table per round, and a "why selected" page."""
+"""The run report: learning curves (PNG), report.md and report.html rendered from one set of tables
+by the templates in `templates/`, and a "why selected" section read from a round's score outputs."""
 from __future__ import annotations
 
-import dataclasses
-import html
 import json
 from datetime import datetime, timezone
 from pathlib import Path
 
+import jinja2
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -14,129 +14,90 @@ import pyarrow.parquet as pq
 from hnal_ray.data.contract import image_column
 from hnal_ray.data.images import ImageError, thumbnail_png
 from hnal_ray.io import read_embeddings, write_parquet
-from hnal_ray.loop.config import LoopConfig, StrategyConfig
-from hnal_ray.score.thresholds import kth, minibatch_thresholds, negative_topk
+from hnal_ray.loop import stats
+from hnal_ray.loop.config import LoopConfig
+
+TEMPLATES = jinja2.Environment(loader=jinja2.PackageLoader("hnal_ray.loop", "templates"),
+                               autoescape=jinja2.select_autoescape(["html.j2"]), keep_trailing_newline=True)
 
 
-# two-sided 95% quantiles of Student's t for 1..30 degrees of freedom (then the normal's 1.96)
-T95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
-       2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
-       2.045, 2.042)
+def table(title: str, header: list[str], rows: list[list], intro: str = "") -> dict:
+    """One table as both templates draw it: a title, an optional sentence, a header and rows of cells."""
+    return {"title": title, "intro": intro, "header": header, "rows": [[str(c) for c in r] for r in rows]}
 
 
-def paired_differences(rows: list[dict], baseline: str = "random", metric: str = "r1_sum",
-                       first_round: int = 1) -> list[dict]:
-    """Per (strategy, round >= 1): the mean over seeds of (strategy - baseline) and its paired 95%
-    confidence interval (t over the seeds both ran; every strategy of a seed starts from the same
-    seed set, so the pairing removes the seed set's luck)."""
-    base = {(r["seed"], r["round"]): r[metric] for r in rows if r["strategy"] == baseline}
-    out = []
-    for strategy in dict.fromkeys(r["strategy"] for r in rows):
-        if strategy == baseline:
-            continue
-        for rnd in sorted({r["round"] for r in rows if r["strategy"] == strategy and r["round"] >= first_round}):
-            d = np.array([r[metric] - base[(r["seed"], rnd)] for r in rows if r["strategy"] == strategy
-                          and r["round"] == rnd and (r["seed"], rnd) in base])
-            if len(d) == 0:
-                continue
-            half = (T95[len(d) - 2] if len(d) - 1 <= len(T95) else 1.96) * d.std(ddof=1) / np.sqrt(len(d)) \
-                if len(d) > 1 else float("nan")
-            out.append({"strategy": strategy, "round": rnd, "seeds": len(d), "diff": float(d.mean()),
-                        "ci_low": float(d.mean() - half), "ci_high": float(d.mean() + half)})
+def write_report(cfg: LoopConfig, out: Path, rows: list[dict], timings: list[dict],
+                 states: list[dict] = ()) -> Path:
+    """DIR/report.md and DIR/report.html (+ curves.png, metrics.parquet, timings.parquet, thumbs/)."""
+    write_parquet(pa.Table.from_pylist(rows), out / "metrics.parquet")
+    write_parquet(pa.Table.from_pylist(timings), out / "timings.parquet")
+    summary = stats.summarize(rows)
+    plot_curves(summary, out / "curves.png")
+    page = {"title": "Active-learning report",
+            "intro": f"Budget {cfg.budget} per round, {cfg.rounds} rounds, seed set {cfg.seed_size} images, "
+                     f"seeds {list(cfg.seeds)}; metrics on the test split.",
+            "notes": _run_notes(cfg, out, list(states)), "tables": _tables(cfg, rows, summary, timings, list(states)),
+            "why": _why_selected(cfg, out, list(states))}
+    (out / "report.md").write_text(TEMPLATES.get_template("report.md.j2").render(page))
+    (out / "report.html").write_text(TEMPLATES.get_template("report.html.j2").render(page))
+    return out / "report.html"
+
+
+def _tables(cfg: LoopConfig, rows: list[dict], summary: list[dict], timings: list[dict],
+            states: list[dict]) -> list[dict]:
+    """Metrics per round; then, where they apply, the difference to random, annotations to reach
+    random, hardness against its control, selection diagnostics; then wall time per stage."""
+    one_seed = len(cfg.seeds) == 1
+
+    def spread(mean: float, std: float) -> str:  # one seed has no spread to show
+        return f"{mean:.1f}" if one_seed else f"{mean:.1f} ± {std:.1f}"
+
+    def ci(d: dict) -> list:  # one seed has no interval
+        return [f"{d['diff']:+.1f}", f"[{d['ci_low']:+.1f}, {d['ci_high']:+.1f}]" if d["seeds"] > 1 else "-"]
+
+    by_round = sorted(summary, key=lambda r: (r["round"], r["strategy"]))
+    out = [table("Metrics per round" + (" (one seed)" if one_seed else " (mean ± std over seeds)"),
+                 ["strategy", "round", "annotated", "R@1-sum", "rsum"],
+                 [[r["strategy"], r["round"], f"{r['annotated']:.0f}", spread(r["r1_sum"], r["r1_sum_std"]),
+                   spread(r["rsum"], r["rsum_std"])] for r in by_round])]
+    diffs = stats.paired_differences(rows) if any(r["strategy"] == "random" for r in rows) else []
+    if diffs:
+        out.append(table("Difference to random (paired by seed)",
+                         ["strategy", "round", "seeds", "R@1-sum minus random", "paired 95% CI"],
+                         [[d["strategy"], d["round"], d["seeds"], *ci(d)]
+                          for d in sorted(diffs, key=lambda d: (d["round"], d["strategy"]))]))
+    reach = stats.annotations_to_reach(summary)
+    if reach:
+        out.append(table("Annotations to reach random's final R@1-sum",
+                         ["strategy", "annotations to reach it", "share of random's"],
+                         [[r["strategy"], *(["not reached", "-"] if r["annotated"] is None else
+                                            [f"{r['annotated']:.0f}", f"{r['fraction']:.2f}"])] for r in reach],
+                         f"The first round whose mean R@1-sum reaches random's mean at its last round "
+                         f"({reach[0]['target']:.1f} after {reach[0]['baseline_annotated']:.0f} annotations); "
+                         f"measured rounds only."))
+    controls = stats.control_differences(rows, stats.control_pairs(list(cfg.strategies)))
+    if controls:
+        out.append(table("Hardness against its control (paired by seed)",
+                         ["strategy", "control", "round", "seeds", "R@1-sum minus control", "paired 95% CI"],
+                         [[d["strategy"], d["control"], d["round"], d["seeds"], *ci(d)]
+                          for d in sorted(controls, key=lambda d: (d["round"], d["strategy"]))],
+                         "A clustered strategy's hardest item per cluster against the same clusters and quotas with "
+                         "a random item per cluster: hardness is credited only where this is above 0."))
+    diag = stats.diagnostics_summary(states)
+    keys = [k for k in stats.DIAGNOSTICS if diag and all(k in d for d in diag)
+            and not (k.startswith("groups_hit") and all(d[k] <= 1 for d in diag))]  # data without groups
+    if diag:
+        out.append(table("Selection diagnostics (mean over seeds and rounds)", ["strategy", *keys],
+                         [[d["strategy"], *(f"{d[k]:.3g}" for k in keys)] for d in diag],
+                         "redundancy: mean pairwise cosine of the picks (model embeddings), vs a random batch of the "
+                         "same size; anchors beaten: paired texts (images) each pick beats under Top-1 thresholds; "
+                         "covered: beaten by any pick; clusters: k-means clusters of the frozen features hit (of 20), "
+                         "vs a random batch; near duplicates: share of picks with frozen cosine >= 0.95 to a paired "
+                         "item; groups: data-set groups hit."))
+    out.append(table("Wall time per round (seconds, mean)", ["rounds", "n", *(k[:-2] for k in stats.TIME_COLUMNS)],
+                     [[t["rounds"], t["n"], *(f"{t[k]:.1f}" for k in stats.TIME_COLUMNS)]
+                      for t in stats.stage_times(timings)]))
     return out
-
-
-def compare_runs(a: list[dict], b: list[dict], metric: str = "r1_sum") -> list[dict]:
-    """Run B minus run A (rows of two runs' metrics.parquet), per strategy both ran and per round
-    (0 included: the seed model), paired by seed, with the 95% confidence interval: e.g. the same
-    strategies and seeds with another training config."""
-    out = []
-    for strategy in dict.fromkeys(r["strategy"] for r in a):
-        rows = ([r | {"strategy": "a"} for r in a if r["strategy"] == strategy]
-                + [r | {"strategy": "b"} for r in b if r["strategy"] == strategy])
-        out += [d | {"strategy": strategy} for d in paired_differences(rows, "a", metric, first_round=0)]
-    return out
-
-
-def control_pairs(strategies: list[StrategyConfig]) -> list[tuple[str, str]]:
-    """(hardest, control) for each clustered strategy that takes the hardest item of a cluster and
-    has, in the same run, a control that differs only in taking a random item (same clusters,
-    quotas, weight and k): hardness is credited only if it beats that control."""
-    def key(s: StrategyConfig) -> tuple:
-        return tuple(sorted((k, repr(v)) for k, v in dataclasses.asdict(s).items() if k not in ("name", "within")))
-    controls = {key(s): s.name for s in strategies if s.strategy == "cluster" and s.within == "random"}
-    return [(s.name, controls[key(s)]) for s in strategies
-            if s.strategy == "cluster" and s.within == "hardest" and s.switch_at is None and key(s) in controls]
-
-
-def control_differences(rows: list[dict], pairs: list[tuple[str, str]], metric: str = "r1_sum") -> list[dict]:
-    """Per (hardest, control) pair and round >= 1: hardest minus control, paired by seed, 95% CI."""
-    out = []
-    for hardest, control in pairs:
-        sub = ([r | {"strategy": "h"} for r in rows if r["strategy"] == hardest]
-               + [r | {"strategy": "c"} for r in rows if r["strategy"] == control])
-        out += [d | {"strategy": hardest, "control": control} for d in paired_differences(sub, "c", metric)]
-    return out
-
-
-def diagnostics_summary(states: list[dict]) -> list[dict]:
-    """Mean of each scalar selection diagnostic per strategy over seeds and rounds >= 1."""
-    keys = ("redundancy", "redundancy_random", "anchors_beaten_per_item", "anchors_covered", "clusters_hit",
-            "clusters_hit_random", "cluster_max_share", "near_duplicates", "groups_hit", "groups_hit_random")
-    out = []
-    for strategy in dict.fromkeys(s["strategy"] for s in states):
-        diags = [s["diagnostics"] for s in states if s["strategy"] == strategy and s.get("diagnostics")]
-        if diags:
-            out.append({"strategy": strategy, "rounds": len(diags),
-                        **{k: float(np.mean([d[k] for d in diags])) for k in keys if all(k in d for d in diags)}})
-    return out
-
-
-def summarize(rows: list[dict]) -> list[dict]:
-    """Mean and standard deviation over seeds per (strategy, round)."""
-    out = []
-    keys = sorted({(r["strategy"], r["round"]) for r in rows}, key=lambda k: (k[0], k[1]))
-    for strategy, rnd in keys:
-        group = [r for r in rows if r["strategy"] == strategy and r["round"] == rnd]
-        row = {"strategy": strategy, "round": rnd, "seeds": len(group),
-               "annotated": float(np.mean([g["annotated"] for g in group]))}
-        for m in ("r1_sum", "rsum", "i2t_R@1", "t2i_R@1"):
-            vals = np.array([g[m] for g in group])
-            row[m], row[f"{m}_std"] = float(vals.mean()), float(vals.std())
-        out.append(row)
-    return out
-
-
-def annotations_to_reach(summary: list[dict], baseline: str = "random", metric: str = "r1_sum") -> list[dict]:
-    """Per strategy: the annotations of the first measured round whose mean `metric` (over seeds)
-    reaches the baseline's mean at its last round, or None; `fraction` of the baseline's
-    annotations at that last round. Measured rounds only, no interpolation."""
-    base = [r for r in summary if r["strategy"] == baseline]
-    if not base:
-        return []
-    last = max(base, key=lambda r: r["round"])
-    out = []
-    for strategy in dict.fromkeys(r["strategy"] for r in summary):
-        hit = [r for r in sorted((r for r in summary if r["strategy"] == strategy), key=lambda r: r["round"])
-               if r[metric] >= last[metric]]
-        at = hit[0]["annotated"] if hit else None
-        out.append({"strategy": strategy, "target": last[metric], "baseline_annotated": last["annotated"],
-                    "annotated": at, "fraction": None if at is None or not last["annotated"] else at / last["annotated"]})
-    return out
-
-
-# the stages of a round, in order: the keys of state["timings"] and of timings.parquet
-STAGES = ("embed_s", "score_s", "select_s", "diagnostics_s", "annotate_s", "train_s", "evaluate_s")
-TIME_COLUMNS = STAGES + ("round_s",)
-
-
-def stage_times(rows: list[dict]) -> list[dict]:
-    """Mean wall seconds per round of each stage: the seed-set rounds, then each strategy's rounds >= 1."""
-    groups = {"seed set (round 0)": [r for r in rows if r["round"] == 0 and r["strategy"] == rows[0]["strategy"]]}
-    for strategy in dict.fromkeys(r["strategy"] for r in rows):
-        groups[strategy] = [r for r in rows if r["strategy"] == strategy and r["round"] > 0]
-    return [{"rounds": name, "n": len(g), **{k: float(np.mean([r.get(k, 0.0) for r in g])) for k in TIME_COLUMNS}}
-            for name, g in groups.items() if g]
 
 
 def plot_curves(summary: list[dict], path: Path) -> Path:
@@ -164,167 +125,69 @@ def plot_curves(summary: list[dict], path: Path) -> Path:
     return path
 
 
-def explain(state_dir: Path, strategy: StrategyConfig, captions: dict[int, str], top: int = 8,
-            per_item: int = 5) -> list[dict]:
-    """For the first `top` selected images of a round: the paired texts each beats (s > xi) and by how much."""
-    emb = state_dir / "embeddings"
-    images = read_embeddings(emb / "paired" / "images.parquet", "image_id")
-    texts = read_embeddings(emb / "paired" / "captions.parquet", "text_id", "image_id")
-    pool = read_embeddings(emb / "pool" / "images.parquet", "image_id")
-    oi, ot = np.argsort(images.ids), np.argsort(texts.ids)
-    img_ids, img_emb = images.ids[oi], images.emb[oi]
-    txt_ids, owner, txt_emb = texts.ids[ot], texts.owner[ot], texts.emb[ot]
-    if strategy.threshold_batch:
-        xi = minibatch_thresholds(txt_emb, owner, img_emb, img_ids, strategy.k, strategy.threshold_batch,
-                                  json.loads((state_dir / "score" / "summary.json").read_text())["seed"], "image")
-    else:
-        xi = kth(negative_topk(txt_emb, owner, img_emb, img_ids, strategy.k), strategy.k)
-    sel = pq.read_table(state_dir / "score" / "selection.parquet").to_pydict()
-    out = []
-    for image_id, score in list(zip(sel["image_id"], sel["score"]))[:top]:
-        u = pool.emb[np.flatnonzero(pool.ids == image_id)[0]]
-        margin = txt_emb @ u - xi
-        beats = np.argsort(-margin)[:per_item]
-        out.append({"image_id": int(image_id), "score": float(score), "texts_beaten": int((margin > 0).sum()),
-                    "beats": [{"text": captions[int(txt_ids[j])], "margin": float(margin[j])}
-                              for j in beats if margin[j] > 0]})
-    return out
-
-
-REACH_TITLE = "## Annotations to reach random's final R@1-sum"
-CONTROL_TITLE = "## Hardness against its control (paired by seed)"
-
-
-def write_report(cfg: LoopConfig, out: Path, rows: list[dict], timings: list[dict],
-                 states: list[dict] = ()) -> Path:
-    """DIR/report.md and DIR/report.html (+ curves.png, metrics.parquet, timings.parquet, thumbs/)."""
-    write_parquet(pa.Table.from_pylist(rows), out / "metrics.parquet")
-    write_parquet(pa.Table.from_pylist(timings), out / "timings.parquet")
-    summary = summarize(rows)
-    plot_curves(summary, out / "curves.png")
-    one_seed = len(cfg.seeds) == 1
-
-    def spread(mean: float, std: float) -> str:  # one seed has no spread to show
-        return f"{mean:.1f}" if one_seed else f"{mean:.1f} ± {std:.1f}"
-
-    table = ["| strategy | round | annotated | R@1-sum | rsum |", "|---|---|---|---|---|"]
-    table += [f"| {r['strategy']} | {r['round']} | {r['annotated']:.0f} | {spread(r['r1_sum'], r['r1_sum_std'])}"
-              f" | {spread(r['rsum'], r['rsum_std'])} |" for r in sorted(summary, key=lambda r: (r["round"],
-                                                                                                 r["strategy"]))]
-    metrics_title = "Metrics per round" + (" (one seed)" if one_seed else " (mean ± std over seeds)")
-    notes = _run_notes(cfg, out, list(states))
-    why = _why_selected(cfg, out)
-    diffs = paired_differences(rows) if any(r["strategy"] == "random" for r in rows) else []
-    dtable = ["| strategy | round | seeds | R@1-sum minus random | paired 95% CI |", "|---|---|---|---|---|"]
-    dtable += [f"| {d['strategy']} | {d['round']} | {d['seeds']} | {d['diff']:+.1f} | [{d['ci_low']:+.1f}, "
-               f"{d['ci_high']:+.1f}] |" for d in sorted(diffs, key=lambda d: (d["round"], d["strategy"]))]
-    reach = annotations_to_reach(summary)
-    rtable = ["| strategy | annotations to reach it | share of random's |", "|---|---|---|"]
-    rtable += [f"| {r['strategy']} | " + ("not reached | - |" if r["annotated"] is None else
-                                          f"{r['annotated']:.0f} | {r['fraction']:.2f} |") for r in reach]
-    controls = control_differences(rows, control_pairs(list(cfg.strategies)))
-    ctable = ["| strategy | control | round | seeds | R@1-sum minus control | paired 95% CI |", "|---|---|---|---|---|---|"]
-    ctable += [f"| {d['strategy']} | {d['control']} | {d['round']} | {d['seeds']} | {d['diff']:+.1f} | "
-               f"[{d['ci_low']:+.1f}, {d['ci_high']:+.1f}] |" for d in sorted(controls, key=lambda d: (d["round"],
-                                                                                                     d["strategy"]))]
-    diag = diagnostics_summary(list(states))
-    dkeys = [k for k in ("redundancy", "redundancy_random", "anchors_beaten_per_item", "anchors_covered",
-                         "clusters_hit", "clusters_hit_random", "cluster_max_share", "near_duplicates", "groups_hit",
-                         "groups_hit_random") if diag and all(k in d for d in diag)
-             and not (k.startswith("groups_hit") and all(d[k] <= 1 for d in diag))]  # data without groups
-    gtable = ["| strategy | " + " | ".join(dkeys) + " |", "|---" * (len(dkeys) + 1) + "|"]
-    gtable += ["| " + " | ".join([d["strategy"]] + [f"{d[k]:.3g}" for k in dkeys]) + " |" for d in diag]
-    extra_md = (["## Difference to random (paired by seed)", "", *dtable, ""] if diffs else []) + (
-        [REACH_TITLE, "", f"The first round whose mean R@1-sum reaches random's mean at its last round "
-         f"({reach[0]['target']:.1f} after {reach[0]['baseline_annotated']:.0f} annotations); measured rounds only.",
-         "", *rtable, ""] if reach else []) + (
-        [CONTROL_TITLE, "", "A clustered strategy's hardest item per cluster against the same clusters and quotas "
-         "with a random item per cluster: hardness is credited only where this is above 0.", "", *ctable, ""]
-        if controls else []) + (
-        ["## Selection diagnostics (mean over seeds and rounds)", "",
-         "redundancy: mean pairwise cosine of the picks (model embeddings), vs a random batch of the same size; "
-         "anchors beaten: paired texts (images) each pick beats under Top-1 thresholds; covered: beaten by any "
-         "pick; clusters: k-means clusters of the frozen features hit (of 20), vs a random batch; near duplicates: "
-         "share of picks with frozen cosine >= 0.95 to a paired item; groups: data-set groups hit.", "",
-         *gtable, ""] if diag else [])
-    extra_html = "".join(
-        f"<h2>{html.escape(title)}</h2><table>" + "".join(
-            "<tr>" + "".join(f"<td>{html.escape(c.strip())}</td>" for c in line.strip("|").split("|")) + "</tr>"
-            for line in tab if not line.startswith("|---")) + "</table>"
-        for title, tab in (("Difference to random (paired by seed)", dtable if diffs else []),
-                           (REACH_TITLE[3:], rtable if reach else []),
-                           (CONTROL_TITLE[3:], ctable if controls else []),
-                           ("Selection diagnostics (mean over seeds and rounds)", gtable if diag else [])) if tab)
-    times = stage_times(timings)
-    head = "| rounds | n | " + " | ".join(k[:-2] for k in TIME_COLUMNS) + " |"
-    ttable = [head, "|---" * (len(TIME_COLUMNS) + 2) + "|"]
-    ttable += ["| " + " | ".join([t["rounds"], str(t["n"])] + [f"{t[k]:.1f}" for k in TIME_COLUMNS]) + " |" for t in times]
-    thtml = ("<h2>Wall time per round (seconds, mean)</h2><table><tr><th>rounds</th><th>n</th>"
-             + "".join(f"<th>{k[:-2]}</th>" for k in TIME_COLUMNS) + "</tr>"
-             + "".join(f"<tr><td>{html.escape(t['rounds'])}</td><td>{t['n']}</td>"
-                       + "".join(f"<td>{t[k]:.1f}</td>" for k in TIME_COLUMNS) + "</tr>" for t in times) + "</table>")
-    md = ["# Active-learning report", "", f"Budget {cfg.budget} per round, {cfg.rounds} rounds, seed set "
-          f"{cfg.seed_size} images, seeds {list(cfg.seeds)}; metrics on the test split.", "",
-          *notes["md"], "![learning curves](curves.png)", "", f"## {metrics_title}", "", *table, "",
-          *extra_md, "## Wall time per round (seconds, mean)", "", *ttable, ""]
-    md += ["## Why selected", "", why["md"]] if why else []
-    (out / "report.md").write_text("\n".join(md) + "\n")
-    rows_html = "".join(f"<tr><td>{html.escape(r['strategy'])}</td><td>{r['round']}</td><td>{r['annotated']:.0f}</td>"
-                        f"<td>{spread(r['r1_sum'], r['r1_sum_std'])}</td><td>{spread(r['rsum'], r['rsum_std'])}"
-                        f"</td></tr>" for r in sorted(summary, key=lambda r: (r["round"], r["strategy"])))
-    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>hnal_ray report</title><style>"
-            f"body{{font-family:sans-serif;max-width:1100px;margin:auto}}td,th{{padding:2px 8px;border-bottom:1px"
-            f" solid #ddd}}.item{{display:flex;gap:12px;margin:10px 0}}</style></head><body>"
-            f"<h1>Active-learning report</h1><p>Budget {cfg.budget} per round, {cfg.rounds} rounds, seed set "
-            f"{cfg.seed_size} images, seeds {list(cfg.seeds)}; metrics on the test split.</p>"
-            f"{notes['html']}<img src='curves.png' width='100%'><h2>{metrics_title}</h2><table>"
-            f"<tr><th>strategy</th><th>round</th><th>annotated</th><th>R@1-sum</th><th>rsum</th></tr>{rows_html}"
-            f"</table>{extra_html}{thtml}{why['html'] if why else ''}</body></html>")
-    (out / "report.html").write_text(page)
-    return out / "report.html"
-
-
-def _run_notes(cfg: LoopConfig, out: Path, states: list[dict]) -> dict:
+def _run_notes(cfg: LoopConfig, out: Path, states: list[dict]) -> list[dict]:
     """What a reader must know before the tables: how finely the test split can resolve a
     difference, the captions people wrote (round, file, count, when), and where the final models are."""
-    md, parts = [], []
+    notes = []
     split = Path(cfg.data) / "split.parquet"
     if split.exists():
         n_test = sum(1 for s in pq.read_table(split, columns=["split"])["split"].to_pylist() if s == "test")
         if 0 < n_test < 300:
-            line = (f"**Resolution:** the test split holds {n_test} images: one image retrieved or not moves an "
-                    f"R@1 by {100 / n_test:.1f} points (R@1-sum: two of them), so differences of a few points "
-                    f"are within what this split can tell apart.")
-            md += [line, ""]
-            parts.append(f"<p>{html.escape(line.replace('**', ''))}</p>")
+            notes.append({"label": "Resolution", "text": (
+                f"the test split holds {n_test} images: one image retrieved or not moves an R@1 by "
+                f"{100 / n_test:.1f} points (R@1-sum: two of them), so differences of a few points are within "
+                f"what this split can tell apart.")})
     imported = sorted(out.glob("*/seed-*/round-*/annotations.json"))
     if imported:
-        rows = ["| round | captions | images | file | imported (UTC) |", "|---|---|---|---|---|"]
+        rows = []
         for f in imported:
             info = json.loads(f.read_text())
             when = datetime.fromtimestamp(f.stat().st_mtime, timezone.utc).isoformat(timespec="seconds")
-            rows.append(f"| {f.parent.relative_to(out)} | {info.get('captions')} | {info.get('images')} | "
-                        f"{info.get('file')} | {when} |")
-        md += ["## Captions people wrote", "", *rows, ""]
-        parts.append("<h2>Captions people wrote</h2><table>" + "".join(
-            "<tr>" + "".join(f"<td>{html.escape(c.strip())}</td>" for c in r.strip("|").split("|")) + "</tr>"
-            for r in rows if not r.startswith("|---")) + "</table>")
+            rows.append([f.parent.relative_to(out), info.get("captions"), info.get("images"), info.get("file"), when])
+        notes.append({"table": table("Captions people wrote", ["round", "captions", "images", "file", "imported (UTC)"],
+                                     rows)})
     last = [s for s in states if s.get("round") == cfg.rounds and s.get("checkpoint")]
     if last:
-        line = ("Final models (last round): " + ", ".join(f"{s.get('strategy')} seed {s.get('seed')}: {s['checkpoint']}"
-                                                          for s in last) if len(last) <= 4 else
-                f"Final models (last round): STRATEGY/seed-S/round-{cfg.rounds}/checkpoint in {out}")
-        md += [line, ""]
-        parts.append(f"<p>{html.escape(line)}</p>")
-    return {"md": md, "html": "".join(parts)}
+        notes.append({"text": "Final models (last round): " + (
+            ", ".join(f"{s.get('strategy')} seed {s.get('seed')}: {s['checkpoint']}" for s in last) if len(last) <= 4
+            else f"STRATEGY/seed-S/round-{cfg.rounds}/checkpoint in {out}")})
+    return notes
 
 
-def _why_selected(cfg: LoopConfig, out: Path) -> dict | None:
-    """The first image-side hard-negative strategy, first seed, last round."""
-    strategy = next((s for s in cfg.strategies if s.strategy == "hard-negative" and s.side == "image"), None)
-    if strategy is None or cfg.rounds < 1:
+def explain(state: dict, state_dir: Path, captions: dict[int, str], top: int = 8, per_item: int = 5) -> list[dict]:
+    """For the round's first `top` picks (its state's `selected`, whatever ranked them): the paired texts
+    each beats (s(u, t) > xi_t) and by how much, with the thresholds its score job computed
+    (`score/thresholds.parquet`) and the embeddings it read."""
+    emb = state_dir / "embeddings"
+    texts = read_embeddings(emb / "paired" / "captions.parquet", "text_id", "image_id")
+    pool = read_embeddings(emb / "pool" / "images.parquet", "image_id")
+    xi = pq.read_table(state_dir / "score" / "thresholds.parquet")
+    threshold = dict(zip(xi["text_id"].to_pylist(), xi["threshold"].to_numpy()))
+    t_xi = np.array([threshold[int(i)] for i in texts.ids])
+    scored = pq.read_table(state_dir / "score" / "scores.parquet", columns=["image_id", "score"]).to_pydict()
+    score = dict(zip(scored["image_id"], scored["score"]))
+    out = []
+    for image_id in state["selected"][:top]:
+        u = pool.emb[np.flatnonzero(pool.ids == image_id)[0]]
+        margin = texts.emb.astype(np.float64) @ u.astype(np.float64) - t_xi
+        beats = np.argsort(-margin, kind="stable")[:per_item]
+        out.append({"image_id": int(image_id), "score": float(score[image_id]), "texts_beaten": int((margin > 0).sum()),
+                    "beats": [{"text": captions[int(texts.ids[j])], "margin": float(margin[j])}
+                              for j in beats if margin[j] > 0]})
+    return out
+
+
+def _why_selected(cfg: LoopConfig, out: Path, states: list[dict]) -> dict | None:
+    """The first image-side strategy whose last round (first seed) scored against thresholds:
+    its top picks, the texts each beats and by how much."""
+    last = {(s.get("strategy"), s.get("seed")): s for s in states if s.get("round") == cfg.rounds}
+    for strategy in (s for s in cfg.strategies if s.side == "image"):
+        state = last.get((strategy.name, cfg.seeds[0]))
+        state_dir = out / strategy.name / f"seed-{cfg.seeds[0]}" / f"round-{cfg.rounds}"
+        if state and (state_dir / "score" / "thresholds.parquet").exists():
+            break
+    else:
         return None
-    state_dir = out / strategy.name / f"seed-{cfg.seeds[0]}" / f"round-{cfg.rounds}"
     tables = [pq.read_table(Path(cfg.data) / "captions.parquet", columns=["text_id", "text", "image_id"])]
     tables += [pq.read_table(f, columns=["text_id", "text", "image_id"])  # captions people wrote in this run
                for f in sorted(out.glob(f"{strategy.name}/seed-{cfg.seeds[0]}/round-*/annotations.parquet"))]
@@ -333,26 +196,24 @@ def _why_selected(cfg: LoopConfig, out: Path) -> dict | None:
     own = {}
     for t, i in zip(caps["text"], caps["image_id"]):
         own.setdefault(i, []).append(t)
-    items = explain(state_dir, strategy, captions)
+    items = explain(state, state_dir, captions)
+    _write_thumbs(cfg, out, [it["image_id"] for it in items])
+    return {"intro": f"Strategy `{strategy.name}`, seed {cfg.seeds[0]}, round {cfg.rounds}: the top selected "
+                     f"images, the paired texts each beats (s(u,t) - xi_t > 0) and by how much.",
+            "items": [it | {"name": " / ".join(own.get(it["image_id"], [])),
+                            "beats": "; ".join(f"{b['text']} (+{b['margin']:.3f})" for b in it["beats"]) or "none"}
+                      for it in items]}
+
+
+def _write_thumbs(cfg: LoopConfig, out: Path, image_ids: list[int]) -> None:
     column = image_column(pq.read_schema(Path(cfg.data) / "images.parquet"))
-    wanted = [it["image_id"] for it in items]
-    images = (pq.read_table(Path(cfg.data) / "images.parquet", columns=["image_id", column],
-                            filters=[("image_id", "in", wanted)]).to_pydict() if column and wanted else {})
-    encoded = dict(zip(images.get("image_id", []), images.get(column, [])))
+    if not column or not image_ids:
+        return
+    images = pq.read_table(Path(cfg.data) / "images.parquet", columns=["image_id", column],
+                           filters=[("image_id", "in", image_ids)]).to_pydict()
     (out / "thumbs").mkdir(exist_ok=True)
-    md, hs = [f"Strategy `{strategy.name}`, seed {cfg.seeds[0]}, round {cfg.rounds}: the top selected images, "
-              f"the paired texts each beats (s(u,t) - xi_t > 0) and by how much.", ""], []
-    for it in items:
-        if it["image_id"] in encoded:
-            try:
-                (out / "thumbs" / f"{it['image_id']}.png").write_bytes(thumbnail_png(encoded[it["image_id"]], 96))
-            except ImageError:
-                pass
-        beats = "; ".join(f"{b['text']} (+{b['margin']:.3f})" for b in it["beats"]) or "none"
-        name = " / ".join(own.get(it["image_id"], []))
-        md.append(f"- ![](thumbs/{it['image_id']}.png) **{name}** score {it['score']:.3f}, beats "
-                  f"{it['texts_beaten']} texts: {beats}")
-        hs.append(f"<div class='item'><img src='thumbs/{it['image_id']}.png' style='max-width:72px;max-height:72px'><div>"
-                  f"<b>{html.escape(name)}</b> score {it['score']:.3f}, beats {it['texts_beaten']} paired texts"
-                  f"<br>{html.escape(beats)}</div></div>")
-    return {"md": "\n".join(md), "html": f"<h2>Why selected</h2><p>{html.escape(md[0])}</p>{''.join(hs)}"}
+    for image_id, encoded in zip(images["image_id"], images[column]):
+        try:
+            (out / "thumbs" / f"{image_id}.png").write_bytes(thumbnail_png(encoded, 96))
+        except ImageError:
+            pass

@@ -532,6 +532,11 @@ def _finish(out, work, selection: Ranked, plan: Plan, cfg, inputs, key, t0, timi
         os.replace(steps[-1], out / "centres.npy")
     elif (out / "centres.npy").exists():
         (out / "centres.npy").unlink()
+    if (work / "thresholds.npy").exists():  # per anchor, in anchor id order: what "why selected" reads
+        write_parquet(pa.table({plan.tables.anchor_id: pa.array(plan.anchors.ids, pa.int64()),
+                                "threshold": np.load(work / "thresholds.npy")}), out / "thresholds.parquet")
+    elif (out / "thresholds.parquet").exists():
+        (out / "thresholds.parquet").unlink()
     shards = [{"shard": int(i)} | v for i, v in sorted(manifest["shards"].items(), key=lambda kv: int(kv[0]))]
     pairs = sum(s["pairs"] for s in shards) + manifest.get("pairs_before", 0)  # coverage: earlier passes too
     timings["total_s"] = time.perf_counter() - t0
