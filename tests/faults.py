@@ -1,6 +1,7 @@
 """Faults injected from tests only (issue 22: no test switches in library code). In this process a
-monkeypatch; in Ray actors a ScoreWorker subclass handed to `RayBackend(worker_cls=...)` (pickled
-by value, so actors need not import this module); in a subprocess, a prelude that installs the
+monkeypatch; in Ray actors a ScoreWorker subclass handed to `RayBackend(worker_cls=...)`, in Ray
+Train workers a loop handed to `fit(loop=...)` (both pickled by value, so workers need not import
+this module); in a subprocess, a prelude that installs the
 fault before the command runs."""
 from __future__ import annotations
 
@@ -30,6 +31,32 @@ def _dying_score(score, shard: int, marker: str):
         return score(self, spec, task, anchors, thresholds, part_path)
 
     return dying
+
+
+def dies_once_at_epoch(epoch: int, marker: str | Path):
+    """A Ray Train loop (hnal_ray.cluster.train.train_func) whose last worker dies (exit 1) once, when
+    it is about to report `epoch`, leaving `marker`; pass it as `fit(..., loop=...)`."""
+    marker = str(marker)
+
+    def loop(config: dict) -> None:
+        import ray.train
+
+        from hnal_ray.cluster import train
+
+        report = ray.train.report
+
+        def report_or_die(metrics, checkpoint=None):
+            ctx = ray.train.get_context()
+            if metrics["epoch"] == epoch and ctx.get_world_rank() == ctx.get_world_size() - 1 \
+                    and not os.path.exists(marker):
+                Path(marker).touch()
+                os._exit(1)
+            return report(metrics, checkpoint=checkpoint)
+
+        ray.train.report = report_or_die  # in this worker process only
+        train.train_func(config)
+
+    return loop
 
 
 def die_in_shard_in_process(shard: int, marker: str | Path) -> None:

@@ -149,6 +149,7 @@ def fill(selected_csv, path, captions_per_image=1, leave_out=0):
 
 
 @pytest.mark.ray
+@pytest.mark.full
 def test_loop_stops_for_people_and_continues(tmp_path, local_ray, capsys):
     data = tmp_path / "data"
     import_data(make_imagefolder(tmp_path / "src", 40, with_split=True), data, pool=make_pool_folder(tmp_path / "pool", 16))

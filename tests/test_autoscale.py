@@ -20,7 +20,7 @@ import yaml
 from helpers import write_inputs
 from hnal_ray.cli import main
 
-pytestmark = pytest.mark.ray
+pytestmark = [pytest.mark.ray, pytest.mark.full]
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 FAKE_PROVIDER = "ray.autoscaler._private.fake_multi_node.node_provider.FakeMultiNodeProvider"

@@ -16,7 +16,7 @@ from hnal_ray.retrieval.model import ConvHeadLoRA, DualEncoder, ModelConfig
 from hnal_ray.retrieval.training import TrainConfig, embed_images, evaluate, load_best
 from imagedata import make_imagefolder
 
-pytestmark = [pytest.mark.ray, pytest.mark.usefixtures("local_ray")]
+pytestmark = [pytest.mark.ray, pytest.mark.full, pytest.mark.usefixtures("local_ray")]
 
 
 @pytest.fixture(scope="module")

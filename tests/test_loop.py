@@ -130,6 +130,7 @@ def test_concurrency_does_not_change_the_numbers(smoke):
     assert pq.read_table(root / "one-at-a-time" / "metrics.parquet").equals(pq.read_table(root / "out" / "metrics.parquet"))
 
 
+@pytest.mark.full
 def test_killed_concurrent_run_resumes_to_the_same_numbers(smoke):
     """SIGKILL of the whole process group (driver and its embedded Ray) after two rounds; the same
     command then runs only the missing rounds, in the driver this time (concurrency 0)."""
@@ -151,6 +152,7 @@ def test_killed_concurrent_run_resumes_to_the_same_numbers(smoke):
     assert pq.read_table(out / "metrics.parquet").equals(pq.read_table(root / "out" / "metrics.parquet"))
 
 
+@pytest.mark.full
 def test_a_changed_config_is_refused_but_concurrency_is_not_part_of_it(smoke):
     root, sets, _ = smoke
     again = loop(root / "out", sets + ["--set", "concurrency=1"])      # everything done: only the report
@@ -159,6 +161,7 @@ def test_a_changed_config_is_refused_but_concurrency_is_not_part_of_it(smoke):
     assert other.returncode == 2 and "holds a run with a different config" in other.stderr
 
 
+@pytest.mark.full
 def test_a_resumed_loop_refuses_changed_data(smoke, tmp_path):
     """Issue 23 (1): the same command over data whose split changed stops with one line, before any
     round, instead of mixing the two splits' numbers."""
@@ -184,6 +187,7 @@ def test_a_resumed_loop_refuses_changed_data(smoke, tmp_path):
         again.stderr[-2000:]
 
 
+@pytest.mark.full
 def test_one_loop_at_a_time_writes_an_out(smoke, tmp_path):
     """Issue 23 (6): a second loop on a held --out is refused at once with one line."""
     from hnal_ray.score.outdir import out_lock
@@ -194,6 +198,7 @@ def test_one_loop_at_a_time_writes_an_out(smoke, tmp_path):
     assert other.returncode == 2 and "another run" in other.stderr and "is writing this --out" in other.stderr
 
 
+@pytest.mark.full
 def test_an_empty_state_file_redoes_that_round(smoke, tmp_path):
     """Issue 23 (10): an empty state.json (a crash before its bytes reached the disk) makes the re-run
     redo that round, not raise on every re-run; the numbers are the same."""
@@ -210,6 +215,7 @@ def test_an_empty_state_file_redoes_that_round(smoke, tmp_path):
     assert pq.read_table(out / "metrics.parquet").equals(pq.read_table(root / "out" / "metrics.parquet"))
 
 
+@pytest.mark.full
 def test_a_finished_run_is_extended_by_more_rounds(smoke, tmp_path):
     """Issue 21 (10): the same command with more rounds keeps the finished rounds and adds the new
     ones; fewer rounds or another change is still refused."""
@@ -229,6 +235,7 @@ def test_a_finished_run_is_extended_by_more_rounds(smoke, tmp_path):
     assert fewer.returncode == 2 and "only `rounds` may grow" in fewer.stderr
 
 
+@pytest.mark.full
 def test_an_impossible_budget_is_refused_before_round_0(smoke, tmp_path):
     """Issue 23 (10): `budget: 10^12` is one line, exit 2, before any round trains."""
     root, sets, _ = smoke
@@ -237,6 +244,7 @@ def test_an_impossible_budget_is_refused_before_round_0(smoke, tmp_path):
     assert not list((tmp_path / "out").glob("*/seed-*/round-*/state.json"))
 
 
+@pytest.mark.full
 def test_sigterm_mid_loop_is_one_line_exit_143_and_resumes(smoke, tmp_path):
     """Issue 23 (10): SIGTERM to a loop whose rounds run as Ray tasks (a scheduler, `kill`, a
     container stop): the last line is ours, exit 143, no stack dump from Ray; the same command then

@@ -13,7 +13,7 @@ import pytest
 from hnal_ray.config import ScoreConfig, ScoreInputs
 from hnal_ray.score.job import LocalBackend, run_score
 
-pytestmark = pytest.mark.ray
+pytestmark = [pytest.mark.ray, pytest.mark.full]
 ray = pytest.importorskip("ray")
 
 

@@ -16,7 +16,7 @@ import yaml
 from helpers import write_inputs
 from hnal_ray.cli import main
 
-pytestmark = pytest.mark.ray
+pytestmark = [pytest.mark.ray, pytest.mark.full]
 ray = pytest.importorskip("ray")
 REPO = Path(__file__).resolve().parents[1]
 

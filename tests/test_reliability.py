@@ -203,6 +203,7 @@ def slow_inputs(tmp_path_factory):
 
 
 @pytest.mark.ray
+@pytest.mark.full
 @pytest.mark.parametrize("shards", [0, 1])
 def test_sigterm_is_one_line_exit_143_and_resumes(tmp_path, slow_inputs, shards):
     """Issue 23 (10): SIGTERM mid-score (in process, or with an embedded Ray and an actor) is handled

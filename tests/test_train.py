@@ -1,11 +1,13 @@
 """A real 2-worker Ray Train run on synthetic features: learns, recovers a killed worker, resumes."""
 import json
 
+import cloudpickle
 import numpy as np
 import pyarrow as pa
 import pytest
 import torch
 
+import faults
 from hnal_ray.data.features import load_features
 from hnal_ray.io import embedding_array, write_parquet
 from hnal_ray.retrieval.model import DualEncoder, ModelConfig
@@ -31,6 +33,7 @@ def synthetic_features(root, n_images=300, seed=0):
     return np.arange(n_images)
 
 
+@pytest.mark.full
 def test_fit_learns_recovers_a_killed_worker_and_resumes(tmp_path):
     from hnal_ray.cluster.train import fit
 
@@ -40,7 +43,9 @@ def test_fit_learns_recovers_a_killed_worker_and_resumes(tmp_path):
     cfg = TrainConfig(epochs=4, batch_size=32, lr=3e-3, warmup_epochs=1, num_workers=2, max_failures=1,
                       checkpoint_every=1, model=model_cfg)
     train_texts = load_features(tmp_path).texts_of(train_ids)
-    res = fit(str(tmp_path), train_texts, val_ids, cfg, str(tmp_path / "runs"), "t", fail_at_epoch=2)
+    cloudpickle.register_pickle_by_value(faults)  # the Train workers get the faulty loop by value
+    res = fit(str(tmp_path), train_texts, val_ids, cfg, str(tmp_path / "runs"), "t",
+              loop=faults.dies_once_at_epoch(2, tmp_path / "runs" / ".t.failed-once"))
     assert (tmp_path / "runs" / ".t.failed-once").exists()          # a worker did die
     # ...and training went on from a checkpoint (epoch 1's, or epoch 0's if the controller had not
     # yet registered epoch 1's when the worker group died), not from scratch

@@ -10,6 +10,7 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -75,7 +76,6 @@ def train_func(config: dict) -> None:
                 best, best_state = average_in(inner, val, device, cfg, best, best_state, epoch)
         elif metrics["rsum"] > best["rsum"]:
             best, best_state = dict(metrics), copy.deepcopy({k: v.cpu() for k, v in inner.state_dict().items()})
-        _maybe_fail(config, epoch, rank, world)
         due = (epoch + 1) % cfg.checkpoint_every == 0 or epoch == cfg.epochs - 1
         if local_dir:
             ckpt = _save_local(Path(local_dir), inner, opt, epoch, best, best_state) if due else None
@@ -117,14 +117,6 @@ def _save_local(d: Path, model, opt, epoch: int, best: dict, best_state: dict) -
     return ray.train.Checkpoint.from_directory(str(d))
 
 
-def _maybe_fail(config: dict, epoch: int, rank: int, world: int) -> None:
-    """Test switch: the last worker dies once, at `fail_at_epoch`, before reporting it."""
-    marker = config.get("fail_marker")
-    if marker and epoch == config.get("fail_at_epoch") and rank == world - 1 and not os.path.exists(marker):
-        Path(marker).touch()
-        os._exit(1)
-
-
 @dataclasses.dataclass(frozen=True)
 class FitResult:
     checkpoint: str      # directory with best.pt, last.pt, meta.json
@@ -144,11 +136,12 @@ def resolve_workers(cfg: TrainConfig) -> int:
 
 
 def fit(features_dir: str, train_text_ids, val_image_ids, cfg: TrainConfig, storage_path: str, name: str,
-        fail_at_epoch: int | None = None, init_checkpoint: str | None = None,
-        extra_texts: tuple[str, ...] = ()) -> FitResult:
+        init_checkpoint: str | None = None, extra_texts: tuple[str, ...] = (),
+        loop: Callable[[dict], None] = train_func) -> FitResult:
     """Train on the pairs (text, its image) of `train_text_ids`, validate on the images
     `val_image_ids` with all their texts; a rerun with the same (storage_path, name) resumes.
-    `init_checkpoint`: start from that checkpoint's best weights (fine-tuning) instead of at random."""
+    `init_checkpoint`: start from that checkpoint's best weights (fine-tuning) instead of at random.
+    `loop`: the function each worker runs (tests hand in one that fails on cue)."""
     workers = resolve_workers(cfg)
     if workers == 0:
         use_gpu = cfg.use_gpu if cfg.use_gpu is not None else torch.cuda.is_available()
@@ -163,10 +156,8 @@ def fit(features_dir: str, train_text_ids, val_image_ids, cfg: TrainConfig, stor
         config["init_checkpoint"] = str(Path(init_checkpoint).resolve())
     if workers == 0:
         config["local_checkpoint_dir"] = str(run_dir / "checkpoint")
-    if fail_at_epoch is not None:
-        config |= {"fail_at_epoch": fail_at_epoch, "fail_marker": str(Path(storage_path) / f".{name}.failed-once")}
     trainer = TorchTrainer(
-        train_func, train_loop_config=config,
+        loop, train_loop_config=config,
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu and workers > 0,
                                      resources_per_worker={"CPU": 1} if workers else None),
         run_config=RunConfig(storage_path=str(Path(storage_path).resolve()), name=name,
