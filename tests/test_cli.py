@@ -45,7 +45,8 @@ def test_score_matches_dense_reference(tmp_path, side, weight, k, batch):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["counts"]["pool"] == 40 and summary["counts"]["selected"] == 7
     assert summary["pairs_scored"] == 40 * summary["counts"]["anchors"] and summary["pairs_per_second"] > 0
-    assert sorted(p.name for p in out.iterdir()) == [".lock", "scores.parquet", "selection.parquet", "summary.json"]
+    assert sorted(p.name for p in out.iterdir()) == [".lock", "scores.parquet", "selection.parquet", "summary.json",
+                                                     "thresholds.parquet"]
 
 
 def test_random_and_coreset(tmp_path):
