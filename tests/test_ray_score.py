@@ -39,7 +39,7 @@ def inputs(tmp_path_factory):
 
 
 @pytest.mark.parametrize("side", ["image", "text"])
-@pytest.mark.parametrize("variant", [("surplus", 1), ("counting", 2),
+@pytest.mark.parametrize("variant", [("surplus", 1), pytest.param(("counting", 2), marks=pytest.mark.full),
                                      pytest.param(("counting", 1), marks=pytest.mark.slow),
                                      pytest.param(("surplus", 3), marks=pytest.mark.slow)])
 def test_shards_equal_single_process(tmp_path, inputs, side, variant):
@@ -188,7 +188,7 @@ run_score(ScoreInputs(p["paired_images"], p["paired_texts"], p["pool"]), cfg, sy
 """
 
 
-@pytest.mark.parametrize("within", ["typical", "central"])
+@pytest.mark.parametrize("within", ["typical", pytest.param("central", marks=pytest.mark.full)])
 def test_cluster_selection_is_the_same_for_any_shards_and_actors(tmp_path, inputs, within):
     """The k-means fit (Lloyd steps on the actors), the assignment and TypiClust's picks: the same
     centres and selection in-process and on 1 or 2 actors taking 1, 2 or 5 shards."""
