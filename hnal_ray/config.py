@@ -29,6 +29,15 @@ def opt(default, help: str, choices: tuple | None = None, cli: str | None = None
     return field(metadata=meta) if default is dataclasses.MISSING else field(default=default, metadata=meta)
 
 
+def check_choices(cfg, prefix: str = "--") -> None:
+    """Every field declared with `choices` holds one of them (a ConfigError naming the option)."""
+    for f in dataclasses.fields(cfg):
+        choices, value = f.metadata.get("choices"), getattr(cfg, f.name)
+        if choices and value not in choices:
+            name = f.name.replace("_", "-") if prefix == "--" else f.name
+            raise ConfigError(f"{prefix}{name} must be one of {choices}, got {value!r}")
+
+
 def key_fields(cfg) -> dict:
     """The fields of a config that decide its outputs, as `opt(key=...)` declared them: a run with the
     same values is a finished run whatever its shards, actors or stream sizes (the outputs are the
@@ -105,20 +114,16 @@ class ScoreConfig:
                                "only)", METHODS, key="if-set")
 
     def __post_init__(self):
+        check_choices(self)
         checks = [
             (self.budget >= 1, f"--budget must be >= 1, got {self.budget}"),
             (self.k >= 1, f"--k must be >= 1, got {self.k}"),
-            (self.strategy in STRATEGIES, f"--strategy must be one of {STRATEGIES}, got {self.strategy!r}"),
-            (self.weight in ("surplus", "counting"), f"--weight must be surplus or counting, got {self.weight!r}"),
-            (self.side in SIDES, f"--side must be image or text, got {self.side!r}"),
             (self.threshold_batch is None or self.threshold_batch >= 2,
              f"--threshold-batch must be 'full' or an integer >= 2, got {self.threshold_batch}"),
             (self.shards >= 0, f"--shards must be >= 0, got {self.shards}"),
             (self.shard_rows >= 1 and self.stream_rows >= 1, "--shard-rows and --stream-rows must be >= 1"),
             (self.block_pool >= 1 and self.block_anchor >= 1, "block sizes must be >= 1"),
             (self.clusters >= 0, f"--clusters must be >= 0, got {self.clusters}"),
-            (self.quota in QUOTAS, f"--quota must be one of {QUOTAS}, got {self.quota!r}"),
-            (self.within in WITHIN, f"--within must be one of {WITHIN}, got {self.within!r}"),
             (self.candidates >= 0, f"--candidates must be >= 0, got {self.candidates}"),
             (self.cluster_sample >= 1, f"--cluster-sample must be >= 1, got {self.cluster_sample}"),
             (self.max_points_per_centroid >= 1,
@@ -132,8 +137,6 @@ class ScoreConfig:
             (self.support >= 1, f"--support must be >= 1, got {self.support}"),
             (0.0 < self.purity <= 1.0, f"--purity must be in (0, 1], got {self.purity}"),
             (self.bandwidth >= 0.0, f"--bandwidth must be >= 0 (0: automatic), got {self.bandwidth}"),
-            (self.precision in PRECISIONS, f"--precision must be one of {PRECISIONS}, got {self.precision!r}"),
-            (self.method in METHODS, f"--method must be one of {METHODS}, got {self.method!r}"),
             (self.method == "exact" or self.precision == "fp32",
              "--method pruned computes in fp32; --precision fp16/bf16 is the other exact fast path, not both"),
         ]
@@ -187,13 +190,9 @@ class TrainConfig:
         ok = self.num_workers == "auto" or (isinstance(self.num_workers, int) and self.num_workers >= 0)
         if not ok:
             raise ConfigError(f"train.num_workers must be 'auto' or an integer >= 0, got {self.num_workers!r}")
-        if self.model_choice not in ("best", "average") or self.average_epochs < 1:
-            raise ConfigError(f"train.model_choice must be 'best' or 'average' (average_epochs >= 1), got "
-                              f"{self.model_choice!r}, {self.average_epochs}")
-        if self.batching not in ("random", "clustered"):
-            raise ConfigError(f"train.batching must be 'random' or 'clustered', got {self.batching!r}")
-        if self.init not in ("scratch", "previous"):
-            raise ConfigError(f"train.init must be 'scratch' or 'previous', got {self.init!r}")
+        check_choices(self, "train.")
+        if not _int(self.average_epochs) or self.average_epochs < 1:
+            raise ConfigError(f"train.average_epochs must be an integer >= 1, got {self.average_epochs!r}")
         if not isinstance(self.threads, int) or self.threads < 1:
             raise ConfigError(f"train.threads must be an integer >= 1, got {self.threads!r}")
         checks = [
