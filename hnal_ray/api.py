@@ -55,7 +55,7 @@ def select(paired_images: TableLike, paired_texts: TableLike, pool: TableLike, b
     Bad input raises `InputError` (naming the file, or the argument for in-memory inputs) and bad
     options `ConfigError`, as the command line reports them.
     """
-    from hnal_ray.cluster.actors import run_score_job
+    from hnal_ray.cluster.dispatch import run_score_job
 
     known = {f.name for f in dataclasses.fields(ScoreConfig)}
     unknown = sorted(set(options) - known)

@@ -65,3 +65,16 @@ def test_the_package_exports_only_the_api_and_loads_lazily():
                                  "ConfigError"}
     with pytest.raises(AttributeError):
         hnal_ray.score_pool  # noqa: B018 (internal names are not exported)
+
+
+def test_an_in_process_selection_does_not_start_or_import_ray(tmp_path):
+    """shards=0 runs in this process: Ray is imported only by a job that asks for actors."""
+    import subprocess
+    import sys
+
+    paths, _ = write_inputs(tmp_path / "in", np.random.default_rng(6), n_pool=20)
+    code = ("import sys, hnal_ray; r = hnal_ray.select(*sys.argv[1:4], 3); "
+            "print(len(r.ids), 'ray' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code, *(str(paths[k]) for k in ("paired_images", "paired_texts", "pool"))],
+                         capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["3", "False"]

@@ -177,7 +177,7 @@ def test_ctrl_c_is_one_line_and_exit_130(tmp_path, capsys, monkeypatch):
     def interrupted(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("hnal_ray.cluster.actors.run_score", interrupted)
+    monkeypatch.setattr("hnal_ray.cluster.dispatch.run_score", interrupted)
     assert main(score_args(paths, tmp_path / "out")) == 130
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["hnal score: interrupted; re-run the same command to resume"]
@@ -328,7 +328,7 @@ def test_work_lost_past_every_retry_is_one_line(tmp_path, capsys, monkeypatch):
     def lost(*a, **k):
         raise ActorDiedError()
 
-    monkeypatch.setattr("hnal_ray.cluster.actors.run_score", lost)
+    monkeypatch.setattr("hnal_ray.cluster.dispatch.run_score", lost)
     assert main(score_args(paths, tmp_path / "out")) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "the Ray cluster lost work it could not redo (ActorDiedError" in err[0]

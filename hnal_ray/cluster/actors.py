@@ -13,7 +13,7 @@ from ray.exceptions import (ActorDiedError, NodeDiedError, ObjectLostError, RayA
 
 from hnal_ray.config import ScoreConfig, ScoreInputs
 from hnal_ray.io import InputError, row_group_starts
-from hnal_ray.score.job import finished_summary, run_score
+from hnal_ray.score.job import run_score
 from hnal_ray.score.plan import cut_rows, side_tables
 from hnal_ray.score.worker import Anchors, ScoreTask, ScoreWorker, ShardResult, ShardSpec
 
@@ -161,17 +161,6 @@ def actor_count(inputs: ScoreInputs, cfg: ScoreConfig) -> int:
     except (InputError, OSError, ValueError):  # unreadable input: the job's own checks name it
         return cfg.shards
     return max(1, min(cfg.shards, work))
-
-
-def run_score_job(inputs: ScoreInputs, cfg: ScoreConfig, out_dir) -> dict:
-    """The one way a scoring job runs (`hnal score`, `hnal_ray.select`, the loop's rounds): a finished
-    run is found before Ray starts; `shards` 0 runs in this process, N on at most N Ray actors."""
-    done = finished_summary(inputs, cfg, out_dir)
-    if done is not None:
-        return done
-    if cfg.shards == 0:
-        return run_score(inputs, cfg, out_dir)
-    return run_score_on_ray(inputs, cfg, out_dir)
 
 
 def run_score_on_ray(inputs: ScoreInputs, cfg: ScoreConfig, out_dir) -> dict:

@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 import torch
 
 from hnal_ray.config import ConfigError, ScoreInputs
-from hnal_ray.cluster.actors import run_score_job
+from hnal_ray.cluster.dispatch import run_score_job
 from hnal_ray.data.features import FeatureSet, load_features
 from hnal_ray.data.splits import split_ids
 from hnal_ray.device import pick_device
