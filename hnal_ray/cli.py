@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import errno
 import json
 import logging
@@ -48,11 +49,13 @@ def _auto_bool(v: str) -> bool | None:
     return None if v == "auto" else v == "true"
 
 
+_SPECIAL = {"threshold_batch": (_threshold_batch, "{full,N}"), "workers": (_workers, "{auto,N}"),
+            "auto_bool": (_auto_bool, "{auto,true,false}")}  # opt(cli=...): a parser of its own
+
+
 def add_config_args(p: argparse.ArgumentParser, config, skip: tuple[str, ...] = (), prefix: str = "") -> None:
     """One option per field of a config dataclass, as `opt` declared it (help, choices, default);
     `--PREFIX-NAME` with dest `PREFIX_NAME` when a prefix is given. A nested config field is skipped."""
-    import dataclasses
-
     for f in dataclasses.fields(config):
         if f.name in skip or "help" not in f.metadata:
             continue
@@ -60,10 +63,8 @@ def add_config_args(p: argparse.ArgumentParser, config, skip: tuple[str, ...] = 
         flag, meta = "--" + name.replace("_", "-"), f.metadata
         required = f.default is dataclasses.MISSING
         kw = {"help": meta.get("help"), "dest": name} | ({"required": True} if required else {"default": f.default})
-        special = {"threshold_batch": (_threshold_batch, "{full,N}"), "workers": (_workers, "{auto,N}"),
-                   "auto_bool": (_auto_bool, "{auto,true,false}")}
-        if meta.get("cli") in special:
-            kind, metavar = special[meta["cli"]]
+        if meta.get("cli") in _SPECIAL:
+            kind, metavar = _SPECIAL[meta["cli"]]
             p.add_argument(flag, type=kind, metavar=metavar, **kw)
         elif f.type in ("bool", bool):
             p.add_argument(flag, action="store_true", help=kw["help"], dest=name)
@@ -85,8 +86,6 @@ def add_score_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_score(a: argparse.Namespace) -> int:
-    import dataclasses
-
     from hnal_ray.api import select
     from hnal_ray.config import ScoreConfig
 
@@ -121,15 +120,15 @@ def cmd_data_import(a: argparse.Namespace) -> int:
     if a.append:
         s = append_data(a.src, a.out, pool=a.pool, report_skip=skipped)
         last = s["appended"][-1]
-        print(json.dumps({"out": a.out, "images": s["images"], "captions": s["captions"], "appended_images": last["images"],
-                          "appended_captions": last["captions"], "skipped": last["skipped"],
-                          "split": {k: s["check"][f"{k}_images"] for k in ("train", "val", "test")}}))
-        return 0
-    s = import_data(a.src, a.out, pool=a.pool, seed=a.seed, fractions=a.fractions, report_skip=skipped)
-    if s["skipped"]:
-        print(f"hnal data import: skipped {s['skipped']} file(s)", file=sys.stderr)
-    print(json.dumps({"out": a.out, **{k: s[k] for k in ("images", "captions", "unpaired_images", "skipped")},
-                      "split": {k: s["check"][f"{k}_images"] for k in ("train", "val", "test")}}))
+        info = {"images": s["images"], "captions": s["captions"], "appended_images": last["images"],
+                "appended_captions": last["captions"], "skipped": last["skipped"]}
+    else:
+        s = import_data(a.src, a.out, pool=a.pool, seed=a.seed, fractions=a.fractions, report_skip=skipped)
+        if s["skipped"]:
+            print(f"hnal data import: skipped {s['skipped']} file(s)", file=sys.stderr)
+        info = {k: s[k] for k in ("images", "captions", "unpaired_images", "skipped")}
+    split = {k: s["check"][f"{k}_images"] for k in ("train", "val", "test")}
+    print(json.dumps({"out": a.out, **info, "split": split}))
     return 0
 
 
@@ -192,8 +191,6 @@ def cmd_features(a: argparse.Namespace) -> int:
 
 
 def cmd_train(a: argparse.Namespace) -> int:
-    import dataclasses
-
     from hnal_ray.cluster.train import fit
     from hnal_ray.data.splits import split_ids
     from hnal_ray.data.features import load_features

@@ -17,25 +17,34 @@ class ConfigError(ValueError):
     """A bad option value; the message names the option."""
 
 
-def opt(default, help: str, choices: tuple | None = None, cli: str | None = None, key: bool | str | tuple = True):
+def opt(default, help: str, choices: tuple | None = None, cli: str | None = None, key: bool | str | tuple = True,
+        low: float | None = None):
     """A config field declared once: its default, its help and its choices, from which the command
     line (`cli.add_config_args`), the Python API (`api.select`), the loop's YAML (`StrategyConfig`)
     and the run key (`key_fields`) are derived. `dataclasses.MISSING` marks a required option. `cli`
     names a special command-line parser (`threshold_batch`: 'full' or an integer; `workers`: 'auto'
     or an integer; `auto_bool`: auto, true or false). `key`: whether the field decides the outputs
     (False: where or how the work runs), the strategies for which it does, or "if-set": only away from
-    its default (an option added later: earlier finished runs keep their key)."""
-    meta = {"help": help, "choices": choices, "cli": cli, "key": key}
+    its default (an option added later: earlier finished runs keep their key). `low`: the least value
+    (`check_fields`; None, where it is the default, is allowed)."""
+    meta = {"help": help, "choices": choices, "cli": cli, "key": key, "low": low}
     return field(metadata=meta) if default is dataclasses.MISSING else field(default=default, metadata=meta)
 
 
-def check_choices(cfg, prefix: str = "--") -> None:
-    """Every field declared with `choices` holds one of them (a ConfigError naming the option)."""
+def check_fields(cfg, prefix: str = "--") -> None:
+    """Every field declared with `choices` holds one of them, and every one declared with `low` is a
+    number (an integer for an int field) at least `low` (a ConfigError naming the option)."""
     for f in dataclasses.fields(cfg):
-        choices, value = f.metadata.get("choices"), getattr(cfg, f.name)
+        choices, low, value = f.metadata.get("choices"), f.metadata.get("low"), getattr(cfg, f.name)
+        name = prefix + (f.name.replace("_", "-") if prefix == "--" else f.name)
         if choices and value not in choices:
-            name = f.name.replace("_", "-") if prefix == "--" else f.name
-            raise ConfigError(f"{prefix}{name} must be one of {choices}, got {value!r}")
+            raise ConfigError(f"{name} must be one of {choices}, got {value!r}")
+        integer = str(f.type).startswith("int")
+        if low is not None and not (value is None and f.default is None) and not (
+                (_int(value) if integer else _num(value)) and value >= low):
+            # (the CLI's parser has typed a `--` option already; a Python caller may not have)
+            kind = "an integer " if integer and (prefix != "--" or not _int(value)) else ""
+            raise ConfigError(f"{name} must be {kind}>= {low}, got {value!r}")
 
 
 def key_fields(cfg) -> dict:
@@ -65,43 +74,47 @@ class ScoreConfig:
     sizes, device and precision are in the run key: they may move a float32 sum's last bit. The
     herding options are in it only for those strategies (added later: earlier runs keep their key)."""
 
-    budget: int = opt(dataclasses.MISSING, "number of pool items to select")
+    budget: int = opt(dataclasses.MISSING, "number of pool items to select", low=1)
     strategy: str = opt("hard-negative", "coverage: greedy hard negatives that discount the anchors earlier picks "
                         "beat; probcover, maxherding: greedy coverage of the data (delta-balls, Gaussian kernel)",
                         STRATEGIES)
     weight: str = opt("surplus", "the SPEC's weight of a beaten text", ("surplus", "counting"))
-    k: int = opt(1, "threshold = k-th hardest negative (Top-k)")
+    k: int = opt(1, "threshold = k-th hardest negative (Top-k)", low=1)
     threshold_batch: int | None = opt(None, "full batch (default) or mini-batches of N pairs", cli="threshold_batch")
     side: str = opt("image", "select pool images (against the paired texts) or pool texts", SIDES)
     seed: int = opt(0, "seed of every random choice (random keys, mini-batches, k-means)")
-    shards: int = opt(0, "0: in-process; N: N Ray actors taking shards from a queue", key=False)
+    shards: int = opt(0, "0: in-process; N: N Ray actors taking shards from a queue", key=False, low=0)
     shard_rows: int = opt(1_000_000, "pool (and paired-key) rows per shard: the unit of work, retry and resume",
-                          key=False)
-    stream_rows: int = opt(65536, "rows a worker reads from Parquet at a time", key=False)
+                          key=False, low=1)
+    stream_rows: int = opt(65536, "rows a worker reads from Parquet at a time", key=False, low=1)
     address: str | None = opt(None, "Ray address (default: RAY_ADDRESS or an embedded Ray)", key=False)
     device: str = opt("auto", "where the kernels run", ("auto", "cpu", "cuda"))
-    block_pool: int = opt(4096, "pool rows per GEMM block")
-    block_anchor: int = opt(1024, "anchor rows per GEMM block")
-    clusters: int = opt(0, "cluster strategy: k-means clusters (0: the budget; quota uncovered: paired items + budget)")
+    block_pool: int = opt(4096, "pool rows per GEMM block", low=1)
+    block_anchor: int = opt(1024, "anchor rows per GEMM block", low=1)
+    clusters: int = opt(0, "cluster strategy: k-means clusters (0: the budget; quota uncovered: paired items + "
+                           "budget)", low=0)
     quota: str = opt("equal", "cluster strategy: picks per cluster: equal, proportional to its size, to its hard "
                      "negatives, or uncovered (TypiClust): pool and paired items clustered together, the best item "
                      "of each cluster without a paired item first, largest first", QUOTAS)
     within: str = opt("hardest", "cluster strategy: the hardest items of each cluster, random ones (the control), the "
                       "most central (nearest the centre), or the most typical (TypiClust's kNN density; with "
                       "--quota uncovered)", WITHIN)
-    cluster_sample: int = opt(262144, "cluster strategy: most items the driver's FAISS start of the k-means sees")
+    cluster_sample: int = opt(262144, "cluster strategy: most items the driver's FAISS start of the k-means sees",
+                              low=1)
     max_points_per_centroid: int = opt(32, "cluster strategy: the k-means fit sample, at most this many items per "
-                                           "cluster, pool and paired in proportion")
-    fit_iters: int = opt(2, "cluster strategy: exact Lloyd steps over the fit sample on the workers (checkpointed)")
-    max_clusters: int = opt(0, "cluster strategy: cap on k (0: none; TypiClust 500)")
+                                           "cluster, pool and paired in proportion", low=1)
+    fit_iters: int = opt(2, "cluster strategy: exact Lloyd steps over the fit sample on the workers "
+                            "(checkpointed)", low=0)
+    max_clusters: int = opt(0, "cluster strategy: cap on k (0: none; TypiClust 500)", low=0)
     min_cluster_size: int = opt(0, "quota uncovered: clusters of at most this many items are visited last "
-                                   "(TypiClust 5)")
-    typical_cap: int = opt(1000, "within typical: a larger cluster's typicality uses a seeded sample of about this many")
+                                   "(TypiClust 5)", low=0)
+    typical_cap: int = opt(1000, "within typical: a larger cluster's typicality uses a seeded sample of about "
+                                 "this many", low=2)
     wait: bool = opt(False, "wait for another run writing the same --out instead of refusing", key=False)
     candidates: int = opt(0, "coverage, probcover, maxherding: best items per shard sent to the driver's greedy "
-                             "first (0: 4 x budget); 4x more until every pick is proved exact")
+                             "first (0: 4 x budget); 4x more until every pick is proved exact", low=0)
     support: int = opt(65536, "probcover, maxherding: most items (pool and paired, a seeded sample) whose coverage "
-                              "counts", key=HERDING)
+                              "counts", key=HERDING, low=1)
     purity: float = opt(0.95, "probcover: delta is the largest radius with pure balls around this share of the "
                               "support", key=HERDING)
     bandwidth: float = opt(0.0, "maxherding: the Gaussian kernel's sigma (0: the median distance to the 20th nearest "
@@ -114,27 +127,12 @@ class ScoreConfig:
                                "only)", METHODS, key="if-set")
 
     def __post_init__(self):
-        check_choices(self)
+        check_fields(self)
         checks = [
-            (self.budget >= 1, f"--budget must be >= 1, got {self.budget}"),
-            (self.k >= 1, f"--k must be >= 1, got {self.k}"),
             (self.threshold_batch is None or self.threshold_batch >= 2,
              f"--threshold-batch must be 'full' or an integer >= 2, got {self.threshold_batch}"),
-            (self.shards >= 0, f"--shards must be >= 0, got {self.shards}"),
-            (self.shard_rows >= 1 and self.stream_rows >= 1, "--shard-rows and --stream-rows must be >= 1"),
-            (self.block_pool >= 1 and self.block_anchor >= 1, "block sizes must be >= 1"),
-            (self.clusters >= 0, f"--clusters must be >= 0, got {self.clusters}"),
-            (self.candidates >= 0, f"--candidates must be >= 0, got {self.candidates}"),
-            (self.cluster_sample >= 1, f"--cluster-sample must be >= 1, got {self.cluster_sample}"),
-            (self.max_points_per_centroid >= 1,
-             f"--max-points-per-centroid must be >= 1, got {self.max_points_per_centroid}"),
-            (self.fit_iters >= 0, f"--fit-iters must be >= 0, got {self.fit_iters}"),
-            (self.max_clusters >= 0 and self.min_cluster_size >= 0,
-             "--max-clusters and --min-cluster-size must be >= 0"),
-            (self.typical_cap >= 2, f"--typical-cap must be >= 2, got {self.typical_cap}"),
             (self.within != "typical" or self.quota == "uncovered",
              "--within typical goes with --quota uncovered (TypiClust's visiting order)"),
-            (self.support >= 1, f"--support must be >= 1, got {self.support}"),
             (0.0 < self.purity <= 1.0, f"--purity must be in (0, 1], got {self.purity}"),
             (self.bandwidth >= 0.0, f"--bandwidth must be >= 0 (0: automatic), got {self.bandwidth}"),
             (self.method == "exact" or self.precision == "fp32",
@@ -163,25 +161,26 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    epochs: int = opt(20, "training epochs")
+    epochs: int = opt(20, "training epochs", low=1)
     batch_size: int = opt(128, "pairs per step, global: split evenly over the workers")
     lr: float = opt(1e-3, "AdamW learning rate")
-    weight_decay: float = opt(1e-4, "AdamW weight decay")
-    margin: float = opt(0.2, "the hinge loss's margin")
-    warmup_epochs: int = opt(2, "sum-of-hinges epochs before max-of-hinges (VSE++ on small data)")
+    weight_decay: float = opt(1e-4, "AdamW weight decay", low=0)
+    margin: float = opt(0.2, "the hinge loss's margin", low=0)
+    warmup_epochs: int = opt(2, "sum-of-hinges epochs before max-of-hinges (VSE++ on small data)", low=0)
     num_workers: int | str = opt("auto", "0: Ray Train local mode (in the calling process); N: N DDP workers; auto: "
-                                         "local mode unless the cluster has GPUs, then one worker per GPU", cli="workers")
-    threads: int = opt(1, "torch threads per process (fixed, so numbers do not depend on the machine)")
+                                         "local mode unless the cluster has GPUs, then one worker per GPU",
+                                 cli="workers")
+    threads: int = opt(1, "torch threads per process (fixed, so numbers do not depend on the machine)", low=1)
     use_gpu: bool | None = opt(None, "train on GPUs (auto: when the cluster has them)", cli="auto_bool")
     seed: int = opt(0, "seed of the initialisation and the batches")
     max_failures: int = opt(0, "Ray Train restarts of a failed fit (from its last checkpoint)")
-    checkpoint_every: int = opt(5, "epochs between checkpoints (and always the last epoch)")
+    checkpoint_every: int = opt(5, "epochs between checkpoints (and always the last epoch)", low=1)
     init: str = opt("scratch", "loop rounds >= 1: from scratch, or fine-tune the last round's best weights with a "
                                "fresh optimiser", ("scratch", "previous"))
     finetune_lr: float | None = opt(None, "lr when fine-tuning (default: lr)")
     model_choice: str = opt("best", "best: the epoch with the best validation rsum; average: the uniform weight "
                                     "average of the last average_epochs epochs", ("best", "average"))
-    average_epochs: int = opt(10, "epochs averaged by model_choice average")
+    average_epochs: int = opt(10, "epochs averaged by model_choice average", low=1)
     batching: str = opt("random", "random: a seeded shuffle per epoch; clustered: batches of look-alikes (pairs "
                                   "grouped by k-means of their images' frozen features)", ("random", "clustered"))
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -190,29 +189,14 @@ class TrainConfig:
         ok = self.num_workers == "auto" or (isinstance(self.num_workers, int) and self.num_workers >= 0)
         if not ok:
             raise ConfigError(f"train.num_workers must be 'auto' or an integer >= 0, got {self.num_workers!r}")
-        check_choices(self, "train.")
-        if not _int(self.average_epochs) or self.average_epochs < 1:
-            raise ConfigError(f"train.average_epochs must be an integer >= 1, got {self.average_epochs!r}")
-        if not isinstance(self.threads, int) or self.threads < 1:
-            raise ConfigError(f"train.threads must be an integer >= 1, got {self.threads!r}")
-        checks = [
-            (_int(self.batch_size) and self.batch_size >= 2,
-             f"train.batch_size must be an integer >= 2 (a batch's other pairs are its negatives), got {self.batch_size!r}"),
-            (_int(self.epochs) and self.epochs >= 1, f"train.epochs must be an integer >= 1, got {self.epochs!r}"),
-            (_num(self.lr) and self.lr > 0, f"train.lr must be > 0, got {self.lr!r}"),
-            (self.finetune_lr is None or (_num(self.finetune_lr) and self.finetune_lr > 0),
-             f"train.finetune_lr must be > 0, got {self.finetune_lr!r}"),
-            (_num(self.weight_decay) and self.weight_decay >= 0,
-             f"train.weight_decay must be >= 0, got {self.weight_decay!r}"),
-            (_num(self.margin) and self.margin >= 0, f"train.margin must be >= 0, got {self.margin!r}"),
-            (_int(self.warmup_epochs) and self.warmup_epochs >= 0,
-             f"train.warmup_epochs must be an integer >= 0, got {self.warmup_epochs!r}"),
-            (_int(self.checkpoint_every) and self.checkpoint_every >= 1,
-             f"train.checkpoint_every must be an integer >= 1, got {self.checkpoint_every!r}"),
-        ]
-        for ok, msg in checks:
-            if not ok:
-                raise ConfigError(msg)
+        if not (_int(self.batch_size) and self.batch_size >= 2):
+            raise ConfigError(f"train.batch_size must be an integer >= 2 (a batch's other pairs are its negatives), "
+                              f"got {self.batch_size!r}")
+        check_fields(self, "train.")
+        for name in ("lr", "finetune_lr"):
+            value = getattr(self, name)
+            if not (value is None and name == "finetune_lr") and not (_num(value) and value > 0):
+                raise ConfigError(f"train.{name} must be > 0, got {value!r}")
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":

@@ -95,10 +95,7 @@ def work_key(key: str, cfg: ScoreConfig) -> str:
 def finished_summary(inputs: ScoreInputs, cfg: ScoreConfig, out_dir: str | os.PathLike) -> dict | None:
     """The summary of a finished run of these inputs and config in `out_dir`, or None (cheap: no Ray)."""
     check_out(Path(out_dir), inputs)
-    done = _finished_summary(Path(out_dir), run_key(inputs, cfg))
-    if done is not None:
-        log.info("%s: finished run with the same inputs and config found; skipping", out_dir)
-    return done
+    return _finished_summary(Path(out_dir), run_key(inputs, cfg))
 
 
 def run_score(inputs: ScoreInputs, cfg: ScoreConfig, out_dir: str | os.PathLike,
@@ -116,7 +113,6 @@ def _run_locked(inputs: ScoreInputs, cfg: ScoreConfig, out: Path, make_backend) 
     key = run_key(inputs, cfg)
     done = _finished_summary(out, key)
     if done is not None:
-        log.info("%s: finished run with the same inputs and config found; skipping", out)
         return done
     plan = check_inputs(inputs, cfg)
     timings["check_inputs_s"] = time.perf_counter() - t0
@@ -145,8 +141,7 @@ def _run_locked(inputs: ScoreInputs, cfg: ScoreConfig, out: Path, make_backend) 
                              precision=cfg.precision, candidates=m, anchor_clusters=anchor_clusters,
                              **(herd.task_fields() if herd else {}))
             todo = [s for s in specs if not _shard_done(work, manifest, s.index)]
-            tasks = [task] * len(todo)
-            results = backend.score(todo, tasks, plan.anchors if thresholds is not None else None, thresholds,
+            results = backend.score(todo, [task] * len(todo), plan.anchors if thresholds is not None else None, thresholds,
                                     [str(_fenced(work / "parts", s.index, nonce)) for s in todo])
             for res in tqdm(results, total=len(todo), desc="score shards", unit="shard", disable=None):
                 _record(work, manifest, res, nonce)
@@ -184,7 +179,7 @@ def _run_locked(inputs: ScoreInputs, cfg: ScoreConfig, out: Path, make_backend) 
             timings["candidates_per_shard"] = m
         return _finish(out, work, selection, plan, cfg, inputs, key, t0, timings, manifest, backend_info,
                        herd.summary() if herd else None)
-    tops = [_read_top(work, i) for i in range(n_shards)]
+    tops = [_read_top(work, i)[:2] for i in range(n_shards)]
     if cfg.strategy == "cluster":
         shard_info = [manifest["shards"][str(i)] for i in range(n_shards)]
         sizes = np.sum([m["cluster_counts"] for m in shard_info], axis=0)
@@ -322,6 +317,14 @@ def _fit_rows(path: str, id_column: str, seed: int, fraction: float, dim: int) -
     return sample.emb[np.argsort(sample.ids, kind="stable")]
 
 
+def _discard(path: Path) -> None:
+    """Remove an earlier run's output file or folder, if there is one."""
+    if path.is_dir():
+        shutil.rmtree(path)
+    elif path.exists():
+        path.unlink()
+
+
 def _save(path: Path, array: np.ndarray) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name("." + path.stem + ".tmp.npy")
@@ -397,9 +400,7 @@ def _thresholds(plan: Plan, cfg: ScoreConfig, backend, work: Path, timings: dict
             thresholds = minibatch_thresholds(key_emb, key_group, a.emb, a.ids, cfg.k, cfg.threshold_batch,
                                               cfg.seed, "text")
     _check_thresholds(thresholds, cfg)
-    tmp = work / ".thresholds.tmp.npy"
-    np.save(tmp, thresholds)
-    os.replace(tmp, cache)
+    _save(cache, thresholds)
     timings["thresholds_s"] = time.perf_counter() - t
     log.info("thresholds for %d anchors in %.2fs", len(thresholds), timings["thresholds_s"])
     return thresholds
@@ -443,11 +444,10 @@ def _work_dir(out: Path, key: str) -> Path:
     manifest = read_json(work / "manifest.json")
     if manifest is not None and manifest.get("run_key") == key:
         return work
-    mf = work / "manifest.json"
     shutil.rmtree(work, ignore_errors=True)
     (work / "parts").mkdir(parents=True)
     (work / "top").mkdir()
-    write_json({"run_key": key, "shards": {}}, mf)
+    write_json({"run_key": key, "shards": {}}, work / "manifest.json")
     return work
 
 
@@ -470,15 +470,14 @@ def _record(work: Path, manifest: dict, res: ShardResult, nonce: str | None = No
     write_parquet(pa.table(cols), work / "top" / f"part-{res.index:05d}.parquet")
     if nonce is not None:
         os.replace(_fenced(work / "parts", res.index, nonce), work / "parts" / f"part-{res.index:05d}.parquet")
-    manifest["shards"][str(res.index)] = {"rows": res.rows, "pairs": res.pairs, "seconds": res.seconds,
-                                          "node": res.node, "pid": res.pid, "pairs_recomputed": res.recomputed,
-                                          "pairs_per_second": res.pairs / max(res.seconds, 1e-9)}
+    entry = manifest["shards"][str(res.index)] = {
+        "rows": res.rows, "pairs": res.pairs, "seconds": res.seconds, "node": res.node, "pid": res.pid,
+        "pairs_recomputed": res.recomputed, "pairs_per_second": res.pairs / max(res.seconds, 1e-9)}
     if res.candidates is not None:
-        manifest["shards"][str(res.index)]["next"] = res.candidates.next_key
-    if res.cluster_counts is not None:
-        manifest["shards"][str(res.index)]["cluster_counts"] = res.cluster_counts.tolist()
-    if res.cluster_hard is not None:
-        manifest["shards"][str(res.index)]["cluster_hard"] = res.cluster_hard.tolist()
+        entry["next"] = res.candidates.next_key
+    for name in ("cluster_counts", "cluster_hard"):
+        if getattr(res, name) is not None:
+            entry[name] = getattr(res, name).tolist()
     write_json(manifest, work / "manifest.json")
 
 
@@ -488,17 +487,17 @@ def _shard_done(work: Path, manifest: dict, i: int) -> bool:
             and (work / "top" / f"part-{i:05d}.parquet").exists())
 
 
-def _read_top(work: Path, i: int) -> tuple[Ranked, np.ndarray | None]:
+def _read_top(work: Path, i: int) -> tuple[Ranked, np.ndarray | None, pa.Table]:
     t = pq.read_table(work / "top" / f"part-{i:05d}.parquet")
     cluster = t["cluster"].to_numpy() if "cluster" in t.column_names else None
-    return Ranked(t["id"].to_numpy(), t["score"].to_numpy(), t["max_margin"].to_numpy()), cluster
+    return Ranked(t["id"].to_numpy(), t["score"].to_numpy(), t["max_margin"].to_numpy()), cluster, t
 
 
 def _read_candidates(work: Path, manifest: dict, i: int) -> Candidates:
-    t = pq.read_table(work / "top" / f"part-{i:05d}.parquet")
+    top, _, t = _read_top(work, i)
     offsets = t["anchor"].combine_chunks().offsets.to_numpy().astype(np.int64)
     nxt = manifest["shards"][str(i)]["next"]
-    return Candidates(Ranked(t["id"].to_numpy(), t["score"].to_numpy(), t["max_margin"].to_numpy()), offsets,
+    return Candidates(top, offsets,
                       t["anchor"].combine_chunks().flatten().to_numpy().astype(np.int32),
                       t["weight"].combine_chunks().flatten().to_numpy().astype(np.float64),
                       None if nxt is None else (float(nxt[0]), float(nxt[1]), int(nxt[2])))
@@ -506,10 +505,11 @@ def _read_candidates(work: Path, manifest: dict, i: int) -> Candidates:
 
 def _finished_summary(out: Path, key: str) -> dict | None:
     summary = read_json(out / "summary.json")
-    if summary is not None and (out / "selection.parquet").exists() and (out / "scores.parquet").exists():
-        if summary.get("run_key") == key:
-            return summary
-    return None
+    if (summary is None or summary.get("run_key") != key or not (out / "selection.parquet").exists()
+            or not (out / "scores.parquet").exists()):
+        return None
+    log.info("%s: finished run with the same inputs and config found; skipping", out)
+    return summary
 
 
 def _finish(out, work, selection: Ranked, plan: Plan, cfg, inputs, key, t0, timings, manifest, backend_info,
@@ -519,24 +519,18 @@ def _finish(out, work, selection: Ranked, plan: Plan, cfg, inputs, key, t0, timi
                             "score": pa.array(selection.scores, pa.float64()),
                             "rank": pa.array(np.arange(1, len(selection) + 1, dtype=np.int32), pa.int32())}),
                   out / "selection.parquet")
-    final_scores = out / "scores.parquet"
-    if final_scores.is_dir():
-        shutil.rmtree(final_scores)
-    elif final_scores.exists():
-        final_scores.unlink()
+    _discard(out / "scores.parquet")
     for stray in (work / "parts").glob(".part-*"):  # parts of workers whose driver was killed
         stray.unlink()
-    os.replace(work / "parts", final_scores)
-    steps = sorted((work / "kmeans").glob("step-*.npy")) if (work / "kmeans").exists() else []
+    os.replace(work / "parts", out / "scores.parquet")
+    _discard(out / "centres.npy")
+    _discard(out / "thresholds.parquet")
+    steps = sorted((work / "kmeans").glob("step-*.npy"))
     if steps:  # the cluster strategy's centres, (k, d) float64: the clusters in scores.parquet
         os.replace(steps[-1], out / "centres.npy")
-    elif (out / "centres.npy").exists():
-        (out / "centres.npy").unlink()
     if (work / "thresholds.npy").exists():  # per anchor, in anchor id order: what "why selected" reads
         write_parquet(pa.table({plan.tables.anchor_id: pa.array(plan.anchors.ids, pa.int64()),
                                 "threshold": np.load(work / "thresholds.npy")}), out / "thresholds.parquet")
-    elif (out / "thresholds.parquet").exists():
-        (out / "thresholds.parquet").unlink()
     shards = [{"shard": int(i)} | v for i, v in sorted(manifest["shards"].items(), key=lambda kv: int(kv[0]))]
     pairs = sum(s["pairs"] for s in shards) + manifest.get("pairs_before", 0)  # coverage: earlier passes too
     timings["total_s"] = time.perf_counter() - t0
