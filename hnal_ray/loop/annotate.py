@@ -1,15 +1,7 @@
 """Annotators turn selected pool items into new pairs; the built-in one is a simulated oracle."""
 from __future__ import annotations
 
-from typing import Protocol
-
 import numpy as np
-
-
-class Annotator(Protocol):
-    def annotate(self, side: str, selected: np.ndarray) -> np.ndarray:
-        """Selected pool ids (image ids on the image side, text ids on the text side) ->
-        the text ids that become paired (each text is paired with its image)."""
 
 
 class OracleAnnotator:
@@ -20,6 +12,8 @@ class OracleAnnotator:
         self.text_ids, self.text_owner = text_ids, text_owner
 
     def annotate(self, side: str, selected: np.ndarray) -> np.ndarray:
+        """Selected pool ids (image ids on the image side, text ids on the text side) ->
+        the text ids that become paired (each text is paired with its image)."""
         if side == "image":
             return np.sort(self.text_ids[np.isin(self.text_owner, selected)])
         known = np.isin(selected, self.text_ids)

@@ -111,10 +111,9 @@ class LoopConfig:
         if not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in self.seeds) \
                 or len(set(self.seeds)) != len(self.seeds):
             raise ConfigError(f"seeds must be distinct integers >= 0, got {list(self.seeds)}")
-        if not isinstance(self.rounds, int) or self.rounds < 1:
-            raise ConfigError(f"rounds must be an integer >= 1, got {self.rounds!r}")
-        if not isinstance(self.budget, int) or self.budget < 1:
-            raise ConfigError(f"budget must be an integer >= 1, got {self.budget!r}")
+        for key, value in (("rounds", self.rounds), ("budget", self.budget)):
+            if not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{key} must be an integer >= 1, got {value!r}")
         names = [s.name for s in self.strategies]
         if len(set(names)) != len(names):
             raise ConfigError(f"strategies: names must be unique, got {names}")

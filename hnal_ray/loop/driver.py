@@ -49,12 +49,10 @@ def prepare(cfg: LoopConfig) -> None:
     if cfg.dataset == "emoji":
         from hnal_ray.data.emoji import build_emoji_dataset, subsample_dataset
 
+        full = data.with_name(data.name + "-full") if cfg.data_subset else data
+        build_emoji_dataset(full, split=cfg.data_split, style=cfg.data_style)
         if cfg.data_subset:
-            full = data.with_name(data.name + "-full")
-            build_emoji_dataset(full, split=cfg.data_split, style=cfg.data_style)
             subsample_dataset(full, data, cfg.data_subset)
-        else:
-            build_emoji_dataset(data, split=cfg.data_split, style=cfg.data_style)
     check_data_dir(data)
     if cfg.annotator == "manual" and is_precomputed(data):
         raise ConfigError(f"annotator: manual encodes new captions with encoders.text, but {data} holds "
@@ -150,12 +148,10 @@ def _after(cfg: LoopConfig, states: dict, key: tuple, state: dict) -> list[tuple
 def metric_rows(cfg: LoopConfig, states: dict) -> list[dict]:
     """One row per (strategy, seed, round), in config order, with a fixed column order: the numbers
     of the run, which never depend on how or how fast it ran."""
-    rows = []
-    for strategy, seed, r, s in _each_round(cfg, states):
-        rows.append({"strategy": strategy.name, "side": strategy.side, "seed": seed, "round": r,
-                     "annotated": s["annotated"], "paired_texts": len(s["paired_text_ids"]),
-                     "paired_images": s["paired_images"], **{k: s["test"][k] for k in sorted(s["test"])}})
-    return rows
+    return [{"strategy": strategy.name, "side": strategy.side, "seed": seed, "round": r,
+             "annotated": s["annotated"], "paired_texts": len(s["paired_text_ids"]),
+             "paired_images": s["paired_images"], **{k: s["test"][k] for k in sorted(s["test"])}}
+            for strategy, seed, r, s in _each_round(cfg, states)]
 
 
 def timing_rows(cfg: LoopConfig, states: dict) -> list[dict]:
@@ -196,13 +192,12 @@ def data_fingerprint(cfg: LoopConfig) -> dict[str, str]:
 
 def _check_data_unchanged(cfg: LoopConfig, out: Path) -> None:
     saved, current = out / "inputs.json", data_fingerprint(cfg)
-    if saved.exists():
-        before = json.loads(saved.read_text() or "{}")
-        if before != current:
-            changed = sorted(set(before) ^ set(current) | {f for f in before if f in current and before[f] != current[f]})
-            raise ConfigError(f"{out}: the data changed since this run's finished rounds were computed "
-                              f"({len(changed)} files, e.g. {changed[0]}); their numbers would mix with the new "
-                              f"data's: use another --out, or restore the data")
+    before = json.loads(saved.read_text() or "{}") if saved.exists() else current
+    if before != current:
+        changed = sorted(set(before) ^ set(current) | {f for f in before if f in current and before[f] != current[f]})
+        raise ConfigError(f"{out}: the data changed since this run's finished rounds were computed "
+                          f"({len(changed)} files, e.g. {changed[0]}); their numbers would mix with the new "
+                          f"data's: use another --out, or restore the data")
     write_json(current, saved)
 
 

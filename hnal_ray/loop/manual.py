@@ -14,8 +14,9 @@ import csv
 import io
 import json
 import logging
-import sys
 import os
+import shutil
+import sys
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -24,10 +25,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from hnal_ray.data.contract import image_column
+from hnal_ray.data.contract import check_data_dir, image_column
 from hnal_ray.data.images import ImageError, thumbnail_png
-from hnal_ray.io import InputError, read_json, read_text, write_json, write_parquet
-from hnal_ray.loop.report import TEMPLATES
+from hnal_ray.io import InputError, read_ids, read_json, read_text, write_json, write_parquet
+from hnal_ray.loop.templates import TEMPLATES
 
 log = logging.getLogger(__name__)
 LABEL_STUDIO_CONFIG = """<View>
@@ -94,8 +95,6 @@ def write_to_annotate(data_dir: str | Path, image_ids: np.ndarray, out: str | Pa
         "are /data/local-files/?d=images/ID.EXT), annotate, and export JSON, JSON_MIN or CSV. Then:\n"
         "  hnal annotations import FILE --run RUN_DIR\n")
     if out.exists():
-        import shutil
-
         shutil.rmtree(out)
     tmp.rename(out)
     return out
@@ -110,7 +109,6 @@ def _image_suffix(data: bytes) -> str:
     return ".webp" if data[8:12] == b"WEBP" else ".img"
 
 
-
 # ------------------------------------------------------------------------------------ import
 
 def read_captions(path: str | Path) -> list[Caption]:
@@ -118,26 +116,21 @@ def read_captions(path: str | Path) -> list[Caption]:
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: no such file")
-    suffix = path.suffix.lower()  # captions.CSV as saved on Windows
-    if suffix == ".csv":
-        return _read_csv(path)
-    if suffix == ".jsonl":
-        return _read_jsonl(path)
-    if suffix == ".json":
-        return _read_label_studio(path)
-    raise InputError(f"{path}: expected a .csv, .jsonl or Label Studio .json export")
+    readers = {".csv": _read_csv, ".jsonl": _read_jsonl, ".json": _read_label_studio}
+    read = readers.get(path.suffix.lower())  # captions.CSV as saved on Windows
+    if read is None:
+        raise InputError(f"{path}: expected a .csv, .jsonl or Label Studio .json export")
+    return read(path)
 
 
 def _image_id(value, where: str) -> int:
     try:
-        if isinstance(value, bool):
-            raise ValueError
-        out = int(value)
-        if isinstance(value, float) and out != value:
-            raise ValueError
-        return out
+        out = None if isinstance(value, bool) else int(value)
     except (TypeError, ValueError):
-        raise InputError(f"{where}: image_id {value!r} is not an integer") from None
+        out = None
+    if out is None or (isinstance(value, float) and out != value):
+        raise InputError(f"{where}: image_id {value!r} is not an integer")
+    return out
 
 
 def _read_csv(path: Path) -> list[Caption]:
@@ -261,11 +254,17 @@ def validate(captions: list[Caption], selected: np.ndarray, known: np.ndarray, p
     return kept, missing
 
 
-def captions_table(kept: list[Caption], first_text_id: int) -> pa.Table:
+def write_captions_table(kept: list[Caption], first_text_id: int, path: str | Path,
+                         missing: np.ndarray, file: str | Path, **where) -> dict:
+    """The checked captions as a captions table at `path`; returns what was imported."""
     kept = sorted(kept, key=lambda c: c.image_id)  # stable: file order within an image
-    return pa.table({"text_id": np.arange(first_text_id, first_text_id + len(kept), dtype=np.int64),
-                     "image_id": np.asarray([c.image_id for c in kept], np.int64),
-                     "text": [c.text for c in kept]}, schema=ANNOTATIONS)
+    table = pa.table({"text_id": first_text_id + np.arange(len(kept), dtype=np.int64),
+                      "image_id": np.asarray([c.image_id for c in kept], np.int64),
+                      "text": [c.text for c in kept]}, schema=ANNOTATIONS)
+    write_parquet(table, path)
+    return {"file": str(Path(file).resolve()), **where, "captions": table.num_rows,
+            "images": int(len(np.unique(table["image_id"].to_numpy()))),
+            "uncaptioned": missing.tolist(), "partial": bool(len(missing))}
 
 
 # ------------------------------------------------------------------------------------ rounds of a run
@@ -310,11 +309,8 @@ def import_annotations(file: str | Path, run: str | Path, partial: bool = False,
     known = pq.read_table(data_dir / "images.parquet", columns=["image_id"])["image_id"].to_numpy()
     what = str(target.relative_to(run))
     kept, missing = validate(captions, selections[target], known, partial, what)
-    table = captions_table(kept, next_text_id(data_dir, run))
-    write_parquet(table, target / "annotations.parquet")
-    info = {"file": str(Path(file).resolve()), "round": what, "captions": table.num_rows,
-            "images": int(len(np.unique(table["image_id"].to_numpy()))), "uncaptioned": missing.tolist(),
-            "partial": bool(len(missing))}
+    info = write_captions_table(kept, next_text_id(data_dir, run), target / "annotations.parquet",
+                                missing, file, round=what)
     write_json(info, target / "annotations.json")
     return info
 
@@ -323,18 +319,12 @@ def import_standalone(file: str | Path, selection: str | Path, data_dir: str | P
                       partial: bool = False) -> dict:
     """Captions of `file` for the images of a `hnal score` selection, validated, as a captions table
     (text_id after the data set's largest, image_id, text) at `out`."""
-    from hnal_ray.io import read_ids
-
     selected = np.concatenate([part for _, part in read_ids(selection, "image_id")])
     known = pq.read_table(Path(data_dir) / "images.parquet", columns=["image_id"])["image_id"].to_numpy()
     kept, missing = validate(read_captions(file), selected, known, partial, str(selection))
     first = int(pq.read_table(Path(data_dir) / "captions.parquet", columns=["text_id"])["text_id"].to_numpy().max(
         initial=-1)) + 1
-    table = captions_table(kept, first)
-    write_parquet(table, out)
-    return {"file": str(Path(file).resolve()), "out": str(out), "captions": table.num_rows,
-            "images": int(len(np.unique(table["image_id"].to_numpy()))), "uncaptioned": missing.tolist(),
-            "partial": bool(len(missing))}
+    return write_captions_table(kept, first, out, missing, file, out=str(out))
 
 
 # ------------------------------------------------------------------------------------ captions out of a run
@@ -345,10 +335,6 @@ def export_run_captions(run: str | Path, out: str | Path) -> dict:
     they were imported as extra columns of captions.parquet (original captions: null there). A
     caption written for the same image in several trajectories is kept once. Valid under `hnal data
     check`; written to a temporary folder and renamed when complete."""
-    import shutil
-
-    from hnal_ray.data.contract import check_data_dir
-
     run, out = Path(run), Path(out)
     config = read_json(run / "config.json") if (run / "config.json").exists() else None
     if config is None:
@@ -357,31 +343,28 @@ def export_run_captions(run: str | Path, out: str | Path) -> dict:
         raise InputError(f"{out}: exists and is not empty; choose a new folder")
     data = Path(config["data"])
     base = pq.read_table(data / "captions.parquet")
-    rows = {"text_id": [], "image_id": [], "text": [], "strategy": [], "seed": [], "round": [], "source": [],
-            "imported_at": []}
+    extra = [("strategy", pa.string()), ("seed", pa.int64()), ("round", pa.int64()), ("source", pa.string()),
+             ("imported_at", pa.string())]
+    schema = pa.schema([*ANNOTATIONS, *extra])
+    rows = {name: [] for name in schema.names}
     seen = {(i, t.casefold()) for i, t in zip(base["image_id"].to_pylist(), base["text"].to_pylist())}
     for f in sorted(run.glob("*/seed-*/round-*/annotations.parquet")):
         strategy, seed, rnd = f.parent.parent.parent.name, int(f.parent.parent.name[5:]), int(f.parent.name[6:])
-        info = read_json(f.parent / "annotations.json") or {}
-        when = datetime.fromtimestamp((f.parent / "annotations.json").stat().st_mtime if
-                                      (f.parent / "annotations.json").exists() else f.stat().st_mtime, timezone.utc)
+        meta = f.parent / "annotations.json"
+        info = read_json(meta) or {}
+        when = datetime.fromtimestamp((meta if meta.exists() else f).stat().st_mtime, timezone.utc)
         t = pq.read_table(f)
         for text_id, image_id, text in zip(*(t[c].to_pylist() for c in ("text_id", "image_id", "text"))):
             if (image_id, text.casefold()) in seen:
                 continue
             seen.add((image_id, text.casefold()))
-            for k, v in (("text_id", text_id), ("image_id", image_id), ("text", text), ("strategy", strategy),
-                         ("seed", seed), ("round", rnd), ("source", info.get("file")),
-                         ("imported_at", when.isoformat(timespec="seconds"))):
+            for k, v in zip(rows, (text_id, image_id, text, strategy, seed, rnd, info.get("file"),
+                                   when.isoformat(timespec="seconds"))):
                 rows[k].append(v)
-    extra = [("strategy", pa.string()), ("seed", pa.int64()), ("round", pa.int64()), ("source", pa.string()),
-             ("imported_at", pa.string())]
-    old = base.select(["text_id", "image_id", "text"])
-    old = old.append_column("strategy", pa.nulls(len(old), pa.string())).append_column(
-        "seed", pa.nulls(len(old), pa.int64())).append_column("round", pa.nulls(len(old), pa.int64())).append_column(
-        "source", pa.nulls(len(old), pa.string())).append_column("imported_at", pa.nulls(len(old), pa.string()))
-    new = pa.table(rows, schema=pa.schema([("text_id", pa.int64()), ("image_id", pa.int64()), ("text", pa.string()),
-                                           *extra]))
+    old = base.select(ANNOTATIONS.names)
+    for name, kind in extra:  # the original captions: null there
+        old = old.append_column(name, pa.nulls(len(old), kind))
+    new = pa.table(rows, schema=schema)
     tmp = out.with_name(f".{out.name}.exporting")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)

@@ -6,7 +6,6 @@ import json
 from datetime import datetime, timezone
 from pathlib import Path
 
-import jinja2
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -16,9 +15,7 @@ from hnal_ray.data.images import ImageError, thumbnail_png
 from hnal_ray.io import read_embeddings, write_parquet
 from hnal_ray.loop import stats
 from hnal_ray.loop.config import LoopConfig
-
-TEMPLATES = jinja2.Environment(loader=jinja2.PackageLoader("hnal_ray.loop", "templates"),
-                               autoescape=jinja2.select_autoescape(["html.j2"]), keep_trailing_newline=True)
+from hnal_ray.loop.templates import TEMPLATES
 
 
 def table(title: str, header: list[str], rows: list[list], intro: str = "") -> dict:

@@ -70,9 +70,8 @@ def load_context(features: str, data: str, image_maps: bool = False) -> Context:
     for a model that trains the image encoder's last stage."""
     feats = load_features(features, image_maps=image_maps)
     splits = Splits(*(split_ids(data, s) for s in ("train", "val", "test")))
-    images = pq.read_schema(Path(data) / "images.parquet")
     group = None
-    if "group" in images.names:
+    if "group" in pq.read_schema(Path(data) / "images.parquet").names:
         t = pq.read_table(Path(data) / "images.parquet", columns=["image_id", "group"])
         by_id = dict(zip(t["image_id"].to_pylist(), t["group"].to_pylist()))
         group = np.array([str(by_id.get(int(i), "")) for i in feats.image_ids])
@@ -194,19 +193,18 @@ class Round:
 
     def annotate(self) -> bool:
         """The picks' captions: revealed by the oracle, or imported from people (False: not yet)."""
-        t = time.perf_counter()
-        if self.cfg.annotator == "manual":
-            added = _captions_from_people(self.cfg, self.dir, self.name, self.seed, self.r, self.selected,
-                                          self.diagnostics, self.timings, self.device)
-            if added is None:
-                return False
-            new_texts, self.selected, features = added
-            self.extra += (features,)
-            self.ctx = self.ctx.with_annotations((features,))
-        else:
-            new_texts = self.ctx.annotator.annotate(self.strategy.side, self.selected)
-        self.paired = np.union1d(self.prev["paired_text_ids"], new_texts)
-        self.timings["annotate_s"] = time.perf_counter() - t
+        with self.timed("annotate_s"):  # a round left waiting is dropped, its timings with it
+            if self.cfg.annotator == "manual":
+                added = _captions_from_people(self.cfg, self.dir, self.name, self.seed, self.r,
+                                              self.selected, self.diagnostics, self.timings, self.device)
+                if added is None:
+                    return False
+                new_texts, self.selected, features = added
+                self.extra += (features,)
+                self.ctx = self.ctx.with_annotations((features,))
+            else:
+                new_texts = self.ctx.annotator.annotate(self.strategy.side, self.selected)
+            self.paired = np.union1d(self.prev["paired_text_ids"], new_texts)
         return True
 
     def pending(self) -> dict:
@@ -319,9 +317,8 @@ def _select(cfg: LoopConfig, ctx: Context, strategy: StrategyConfig, seed: int, 
         write_embeddings(feats, sel_img, sel_txt, emb / "pool", pool, np.zeros(0, np.int64))
         pool_path = emb / "pool" / "images.parquet"
     else:
-        train_texts = feats.texts_of(ctx.splits.train)
-        _write_texts(feats, txt, np.setdiff1d(train_texts, paired), emb / "pool" / "captions.parquet",
-                     with_owner=False)
+        _write_texts(feats, txt, np.setdiff1d(feats.texts_of(ctx.splits.train), paired),
+                     emb / "pool" / "captions.parquet", with_owner=False)
         pool_path = emb / "pool" / "captions.parquet"
     timings["embed_s"] = time.perf_counter() - t
     inputs = ScoreInputs(str(emb / "paired" / "images.parquet"), str(emb / "paired" / "captions.parquet"),
@@ -367,11 +364,10 @@ def _reducible(cfg: LoopConfig, ctx: Context, strategy: StrategyConfig, score_cf
 def _write_texts(feats: FeatureSet, txt: np.ndarray, text_ids: np.ndarray, path: Path,
                  with_owner: bool = True) -> None:
     keep = np.isin(feats.text_ids, text_ids)
-    cols = {"text_id": feats.text_ids[keep]}
-    if with_owner:
-        cols["image_id"] = feats.text_owner[keep]
-    cols["embedding"] = embedding_array(txt[keep])
-    write_parquet(pa.table(cols), path)
+    owner = {"image_id": feats.text_owner[keep]} if with_owner else {}
+    table = pa.table({"text_id": feats.text_ids[keep], **owner,
+                      "embedding": embedding_array(txt[keep])})
+    write_parquet(table, path)
 
 
 def _train(cfg: LoopConfig, ctx: Context, paired: np.ndarray, seed: int, d: Path, out: Path,

@@ -32,9 +32,7 @@ def paired_differences(rows: list[dict], baseline: str = "random", metric: str =
     the same seed set, so the pairing removes the seed set's luck)."""
     base = {(r["seed"], r["round"]): r[metric] for r in rows if r["strategy"] == baseline}
     out = []
-    for strategy in dict.fromkeys(r["strategy"] for r in rows):
-        if strategy == baseline:
-            continue
+    for strategy in dict.fromkeys(r["strategy"] for r in rows if r["strategy"] != baseline):
         for rnd in sorted({r["round"] for r in rows if r["strategy"] == strategy and r["round"] >= first_round}):
             d = np.array([r[metric] - base[(r["seed"], rnd)] for r in rows if r["strategy"] == strategy
                           and r["round"] == rnd and (r["seed"], rnd) in base])
