@@ -36,10 +36,8 @@ def default_nlist(n_anchors: int) -> int:
 
 def build_margin_index(anchor_emb: np.ndarray, thresholds: np.ndarray, nlist: int | None = None,
                        seed: int = 0) -> MarginIndex:
-    """Train (seeded k-means) and fill the IVF index. anchor_emb: (n_a, d) float32; thresholds: (n_a,).
-
-    Built once per round; +inf thresholds can never be exceeded and are left out.
-    """
+    """Train (seeded k-means) and fill the IVF index, once per round; +inf thresholds can never be
+    exceeded and are left out. anchor_emb: (n_a, d) float32; thresholds: (n_a,)."""
     import faiss
 
     xi = np.asarray(thresholds, np.float32)
@@ -60,11 +58,9 @@ def score_pool_approx(pool_emb: np.ndarray, anchor_emb: np.ndarray, thresholds: 
                       top_m: int = 64, nprobe: int = 8, nlist: int | None = None, seed: int = 0,
                       index: MarginIndex | None = None, block_pool: int = 65536) -> PoolScores:
     """Approximate PoolScores: weights summed over each item's top-M anchors by margin.
-
     pool_emb: (n_u, d) float32; anchor_emb: (n_a, d); thresholds: (n_a,) float32, +-inf allowed.
     max_margin is the best margin found (exact when the true best anchor is among those probed).
-    `pairs` counts the (item, anchor) margins the search computed, not n_u * n_a.
-    """
+    `pairs` counts the (item, anchor) margins the search computed, not n_u * n_a."""
     if weight not in WEIGHTS:
         raise ValueError(f"weight must be one of {WEIGHTS}, got {weight!r}")
     index = index or build_margin_index(anchor_emb, thresholds, nlist, seed)

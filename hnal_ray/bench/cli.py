@@ -75,47 +75,48 @@ def add_bench_parser(subparsers) -> None:
     sp.set_defaults(func=cmd_bench_select)
 
 
+def _report(res: dict, table: str, json_path: str | None) -> int:
+    """Print the benchmark's table (its output) and, with --json, write its figures there."""
+    from hnal_ray.io import write_json
+
+    print(table)
+    if json_path:
+        write_json(res, json_path)
+    return 0
+
+
+def _config(cls, a: argparse.Namespace):
+    """`cls` from the flags named as its fields (others keep their defaults); bools from ints."""
+    return cls(**{f.name: bool(getattr(a, f.name)) if f.type == "bool" else getattr(a, f.name)
+                  for f in dataclasses.fields(cls) if hasattr(a, f.name)})
+
+
 def cmd_bench_score(a: argparse.Namespace) -> int:
     from hnal_ray.bench.kernels import run_bench
     from hnal_ray.bench.table import format_table
-    from hnal_ray.io import write_json
 
-    res = run_bench(BenchConfig(**{f.name: getattr(a, f.name) for f in dataclasses.fields(BenchConfig)}))
-    print(format_table(res))  # the benchmark's output is the table
-    if a.json:
-        write_json(res, a.json)
-    return 0
+    res = run_bench(_config(BenchConfig, a))
+    return _report(res, format_table(res), a.json)
 
 
 def cmd_bench_loop(a: argparse.Namespace) -> int:
     from hnal_ray.bench.loop import format_loop_table, run_loop_bench
-    from hnal_ray.io import write_json
 
     res = run_loop_bench(a.config, a.set, a.out, a.address)
-    print(format_loop_table(res))
-    if a.json:
-        write_json(res, a.json)
-    return 0
+    return _report(res, format_loop_table(res), a.json)
 
 
 def cmd_bench_stream(a: argparse.Namespace) -> int:
     from hnal_ray.bench.stream import StreamConfig, format_stream_table, run_stream_bench
-    from hnal_ray.io import write_json
 
-    cfg = StreamConfig(root=a.root, sizes=a.sizes, images=a.images, dim=a.dim, actors=a.actors,
-                       shard_rows=a.shard_rows, budget=a.budget)
-    res = run_stream_bench(cfg, a.address)
-    print(format_stream_table(res))
-    if a.json:
-        write_json(res, a.json)
-    return 0
+    res = run_stream_bench(_config(StreamConfig, a), a.address)
+    return _report(res, format_stream_table(res), a.json)
 
 
 def cmd_bench_table(a: argparse.Namespace) -> int:
     from hnal_ray.bench.study import pooled_rows, study_table
 
-    rows, _ = pooled_rows(a.runs)
-    print(study_table(rows, a.baseline, a.metric))
+    print(study_table(pooled_rows(a.runs)[0], a.baseline, a.metric))
     return 0
 
 
@@ -135,15 +136,9 @@ def cmd_bench_choose(a: argparse.Namespace) -> int:
 
 def cmd_bench_select(a: argparse.Namespace) -> int:
     from hnal_ray.bench.select import SelectBenchConfig, format_select_table, run_select_bench
-    from hnal_ray.io import write_json
 
-    cfg = SelectBenchConfig(**{f.name: (bool(getattr(a, f.name)) if f.type == "bool" else getattr(a, f.name))
-                               for f in dataclasses.fields(SelectBenchConfig)})
-    res = run_select_bench(cfg, a.address)
-    print(format_select_table(res))
-    if a.json:
-        write_json(res, a.json)
-    return 0
+    res = run_select_bench(_config(SelectBenchConfig, a), a.address)
+    return _report(res, format_select_table(res), a.json)
 
 
 def cmd_bench_compare(a: argparse.Namespace) -> int:

@@ -15,7 +15,6 @@ from hnal_ray.io import InputError
 from hnal_ray.loop.stats import STAGES
 
 
-
 def run_loop_bench(config: str, overrides: list[str], out: str | None, address: str | None) -> dict:
     """One fresh run of the loop; returns JSON-ready figures (rounds counted once each)."""
     from hnal_ray.cluster.session import ray_session

@@ -62,24 +62,26 @@ def make_data(cfg: BenchConfig, out_dir: Path) -> dict:
     texts = unit(emb[owner] + cfg.caption_noise * 3 / np.sqrt(cfg.dim) * rng.standard_normal((cfg.texts, cfg.dim)))
     t = time.perf_counter()
     thresholds = kth(negative_topk(texts, owner, emb[:n_img], np.arange(n_img), cfg.k), cfg.k)
-    files = {}
-    for name, arr in (("pool", emb[n_img:]), ("anchors", texts), ("thresholds", thresholds)):
-        np.save(out_dir / f"{name}.npy", arr)
-        files[name] = str(out_dir / f"{name}.npy")
+    files = {name: str(out_dir / f"{name}.npy") for name in ("pool", "anchors", "thresholds")}
+    for path, arr in zip(files.values(), (emb[n_img:], texts, thresholds)):
+        np.save(path, arr)
     return {"files": files, "thresholds_s": time.perf_counter() - t, "paired_images": n_img}
 
 
-def gemm_seconds(pool: np.ndarray, anchors: np.ndarray, block: tuple[int, int], device) -> float:
+def gemm_seconds(pool: np.ndarray, anchors: np.ndarray, block: tuple[int, int], device,
+                 dtype=None) -> float:
     """The roofline: the same (n_u, d) x (d, n_a) product, in (block_pool, block_anchor) blocks into a
-    reused buffer, pool blocks moved to the device as the kernels move them. Wall seconds."""
+    reused buffer, pool blocks moved to the device (as `dtype`, float32 by default) as the kernels
+    move them. Wall seconds."""
     import torch
 
     bp, ba = block
-    p_all, a = torch.from_numpy(pool), torch.from_numpy(anchors).to(device)
-    buf = torch.empty(min(bp, len(pool)) * min(ba, len(a)), device=device)
+    dtype = dtype or torch.float32
+    p_all, a = torch.from_numpy(pool), torch.from_numpy(anchors).to(device, dtype)
+    buf = torch.empty(min(bp, len(pool)) * min(ba, len(a)), device=device, dtype=dtype)
     t = time.perf_counter()
     for u0 in range(0, len(pool), bp):
-        p = p_all[u0:u0 + bp].to(device)
+        p = p_all[u0:u0 + bp].to(device, dtype)
         for a0 in range(0, len(a), ba):
             torch.matmul(p, a[a0:a0 + ba].T, out=buf[: len(p) * len(a[a0:a0 + ba])].view(len(p), -1))
     if device.type == "cuda":
@@ -179,15 +181,7 @@ def _gemm_low(pool, anchors, xi, cfg, device, precision="fp16"):
     import torch
 
     low = {"fp16": torch.float16, "bf16": torch.bfloat16}[precision]
-    p_all, a = torch.from_numpy(pool), torch.from_numpy(anchors).to(device, low)
-    t = time.perf_counter()
-    for u0 in range(0, len(pool), 4096):
-        p = p_all[u0:u0 + 4096].to(device, low)
-        for a0 in range(0, len(a), 8192):
-            p @ a[a0:a0 + 8192].T
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return None, None, {"seconds": time.perf_counter() - t}
+    return None, None, {"seconds": gemm_seconds(pool, anchors, BLOCKS[0], device, low)}
 
 
 PAIRED = {"score_pool": BLOCKS[0], "dense_fused": BLOCKS[1], "pruned": BLOCKS[1], "exact_low": BLOCKS[0]}

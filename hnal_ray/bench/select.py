@@ -3,7 +3,6 @@ hard-negative score of the same inputs, in the same run: the time of each stage,
 the driver and of each actor, and the fit's recovery of known clusters on a Gaussian mixture."""
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import time
@@ -15,6 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from hnal_ray.bench.kernels import machine
+from hnal_ray.bench.stream import pool_dir
 from hnal_ray.config import ScoreConfig, ScoreInputs
 
 
@@ -38,18 +38,7 @@ STAGES = (("sample", "kmeans_sample_s"), ("fit", "kmeans_start_s"), ("lloyd", "l
           ("covered", "covered_s"), ("typical", "typical_s"))
 
 
-def data_dir(cfg: SelectBenchConfig, n: int) -> Path:
-    from hnal_ray.data.synthetic import make_example
-
-    d = Path(cfg.root) / f"select-{n}-p{cfg.images}-d{cfg.dim}-c{cfg.true_clusters}"
-    if not (d / "done.json").exists():
-        make_example(d, n_images=cfg.images, n_pool=n, n_pool_texts=10, dim=cfg.dim, n_clusters=cfg.true_clusters,
-                     seed=cfg.seed)
-        (d / "done.json").write_text(json.dumps({"pool": n}))
-    return d
-
-
-def _timed_run(inputs: ScoreInputs, score: ScoreConfig, out: Path, address: str | None) -> dict:
+def _timed_run(inputs: ScoreInputs, score: ScoreConfig, out: Path) -> dict:
     from hnal_ray.cluster.actors import run_score_on_ray
     from hnal_ray.device import peak_mib, reset_peak
 
@@ -67,26 +56,24 @@ def run_select_bench(cfg: SelectBenchConfig, address: str | None = None) -> dict
     from hnal_ray.cluster.session import ray_session
 
     with ray_session(address):
-        return _run(cfg, address)
-
-
-def _run(cfg: SelectBenchConfig, address: str | None) -> dict:
-    load0 = os.getloadavg()[0]
-    rows = []
-    for n in cfg.sizes:
-        data = data_dir(cfg, n)
-        inputs = ScoreInputs(str(data / "paired_images.parquet"), str(data / "paired_texts.parquet"),
-                             str(data / "pool_images"))
-        common = dict(budget=cfg.budget, shards=cfg.actors, shard_rows=cfg.shard_rows, address=address, seed=cfg.seed)
-        typ = _timed_run(inputs, ScoreConfig(strategy="cluster", quota="uncovered", within="typical",
-                                             clusters=cfg.clusters, **common), Path(cfg.root) / f"out-{n}-typical",
-                         address)
-        sur = _timed_run(inputs, ScoreConfig(**common), Path(cfg.root) / f"out-{n}-surplus", address) \
-            if cfg.surplus else None
-        rows.append({"pool": n, "recommended": typ, "surplus": sur,
-                     "ratio": typ["seconds"] / sur["seconds"] if sur else None})
-    quality = recovery(cfg, address) if cfg.quality else None
-    return {"config": asdict(cfg), "rows": rows, "quality": quality, "machine": machine(load0)}
+        load0 = os.getloadavg()[0]
+        rows = []
+        for n in cfg.sizes:
+            data = pool_dir(cfg, n, f"select-{n}-p{cfg.images}-d{cfg.dim}-c{cfg.true_clusters}",
+                            n_clusters=cfg.true_clusters)
+            inputs = ScoreInputs(str(data / "paired_images.parquet"),
+                                 str(data / "paired_texts.parquet"), str(data / "pool_images"))
+            common = dict(budget=cfg.budget, shards=cfg.actors, shard_rows=cfg.shard_rows,
+                          address=address, seed=cfg.seed)
+            typical = ScoreConfig(strategy="cluster", quota="uncovered", within="typical",
+                                  clusters=cfg.clusters, **common)
+            typ = _timed_run(inputs, typical, Path(cfg.root) / f"out-{n}-typical")
+            sur = _timed_run(inputs, ScoreConfig(**common), Path(cfg.root) / f"out-{n}-surplus") \
+                if cfg.surplus else None
+            rows.append({"pool": n, "recommended": typ, "surplus": sur,
+                         "ratio": typ["seconds"] / sur["seconds"] if sur else None})
+        quality = recovery(cfg, address) if cfg.quality else None
+        return {"config": asdict(cfg), "rows": rows, "quality": quality, "machine": machine(load0)}
 
 
 def recovery(cfg: SelectBenchConfig, address: str | None) -> dict:
@@ -114,7 +101,7 @@ def recovery(cfg: SelectBenchConfig, address: str | None) -> dict:
     inputs = ScoreInputs(str(d / "pi.parquet"), str(d / "pt.parquet"), str(d / "pool"))
     run = _timed_run(inputs, ScoreConfig(budget=10, strategy="cluster", within="central", clusters=cfg.true_clusters,
                                          shards=cfg.actors, shard_rows=cfg.shard_rows, address=address, seed=cfg.seed),
-                     d / "out", address)
+                     d / "out")
     got = pq.read_table(d / "out" / "scores.parquet", columns=["image_id", "cluster"]).sort_by("image_id")
     truth = pq.read_table(d / "pool", columns=["image_id", "label"]).sort_by("image_id")
     return {"rows": cfg.quality, "clusters": cfg.true_clusters, "seconds": run["seconds"],
@@ -146,13 +133,11 @@ def format_select_table(res: dict) -> str:
             if run is None:
                 continue
             t = run["timings"]
-            cells = []
-            for _, key in STAGES:
-                v = sum(x for k, x in t.items() if k.startswith("lloyd_step")) if key == "lloyd" else t.get(key)
-                cells.append(f"{v:>9.1f}" if v else f"{'-':>9}")
+            t = t | {"lloyd": sum(x for k, x in t.items() if k.startswith("lloyd_step"))}
+            cells = "".join(f"{t[key]:>9.1f}" if t.get(key) else f"{'-':>9}" for _, key in STAGES)
             ratio = f"{r['ratio']:>10.2f}" if path == "recommended" and r["ratio"] else f"{'':>10}"
             actors = ", ".join(f"{w['peak_rss_mib']:.0f}" for w in run["workers"])
-            lines.append(f"{r['pool']:>10}{path:>13}" + "".join(cells) + f"{run['seconds']:>9.1f}{ratio}"
+            lines.append(f"{r['pool']:>10}{path:>13}{cells}{run['seconds']:>9.1f}{ratio}"
                          f"{run['driver_peak_mib']:>11.0f}  {actors}")
     lines.append("stages in seconds: sample (the driver's share of the fit sample), fit (FAISS start), lloyd (exact steps "
                  "on the actors), assign (the scoring pass: every pool row's cluster; for surplus: the score), "

@@ -29,13 +29,15 @@ class StreamConfig:
     seed: int = 0
 
 
-def pool_dir(cfg: StreamConfig, n: int) -> Path:
-    """The example data set with an n-row pool (written once, streamed file by file)."""
+def pool_dir(cfg, n: int, name: str | None = None, **kw) -> Path:
+    """The example data set with an n-row pool (written once, streamed file by file) under cfg.root
+    (a StreamConfig or SelectBenchConfig); `name` and `kw` (to make_example) are select's."""
     from hnal_ray.data.synthetic import make_example
 
-    d = Path(cfg.root) / f"pool-{n}-d{cfg.dim}"
+    d = Path(cfg.root) / (name or f"pool-{n}-d{cfg.dim}")
     if not (d / "done.json").exists():
-        make_example(d, n_images=cfg.images, n_pool=n, n_pool_texts=10, dim=cfg.dim, seed=cfg.seed)
+        make_example(d, n_images=cfg.images, n_pool=n, n_pool_texts=10, dim=cfg.dim, seed=cfg.seed,
+                     **kw)
         (d / "done.json").write_text(json.dumps({"pool": n}))
     return d
 

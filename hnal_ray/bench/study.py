@@ -3,6 +3,7 @@ one table (`hnal bench table`), and the v2 protocol's choice rule applied to the
 choose`; docs/selection.md, "Selection v2: the protocol"), so no table is combined by hand."""
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -47,22 +48,18 @@ def study_table(rows: list[dict], baseline: str = "random", metric: str = "r1_su
     """Markdown: per strategy and round, mean ± std over seeds and the paired difference to the
     baseline with its 95% interval; then the annotations each needs to reach the baseline's last round."""
     summary = summarize(rows)
-    diffs = {(d["strategy"], d["round"]): d for d in paired_differences(rows, baseline, metric)}
+    cells = {(s["strategy"], s["round"]): f"{s[metric]:.1f} ± {s[metric + '_std']:.1f}"
+             for s in summary}
+    for d in paired_differences(rows, baseline, metric):  # rounds >= 1, each with its summary cell
+        cells[d["strategy"], d["round"]] += (f" ({d['diff']:+.1f} "
+                                             f"[{d['ci_low']:+.1f}, {d['ci_high']:+.1f}])")
     rounds = sorted({r["round"] for r in summary if r["round"] >= 1})
     seeds = sorted({r["seed"] for r in rows})
     lines = [f"{metric}, {len(seeds)} seeds ({_ranges(seeds)}); cells: mean ± std (minus {baseline}, paired 95% CI)", "",
              "| strategy | " + " | ".join(f"round {r}" for r in rounds) + " |", "|---" * (len(rounds) + 1) + "|"]
     for strategy in dict.fromkeys(r["strategy"] for r in rows):
-        cells = []
-        for rnd in rounds:
-            s = next((x for x in summary if x["strategy"] == strategy and x["round"] == rnd), None)
-            if s is None:
-                cells.append("")
-                continue
-            d = diffs.get((strategy, rnd))
-            cells.append(f"{s[metric]:.1f} ± {s[metric + '_std']:.1f}" + (
-                f" ({d['diff']:+.1f} [{d['ci_low']:+.1f}, {d['ci_high']:+.1f}])" if d else ""))
-        lines.append(f"| {strategy} | " + " | ".join(cells) + " |")
+        row = [cells.get((strategy, rnd), "") for rnd in rounds]
+        lines.append(f"| {strategy} | " + " | ".join(row) + " |")
     reach = annotations_to_reach(summary, baseline, metric)
     if reach:
         lines += ["", f"annotations to reach {baseline}'s last-round mean ({reach[0]['target']:.1f}, "
@@ -83,11 +80,10 @@ def choose(regimes: dict[str, list[dict]], baseline: str = "random", metric: str
         for d in paired_differences(rows, baseline, metric):
             cells.setdefault(d["strategy"], []).append(d | {"regime": regime})
     n_cells = max((len(v) for v in cells.values()), default=0)
-    table = []
-    for strategy, ds in cells.items():
-        table.append({"strategy": strategy, "cells": len(ds), "mean": float(np.mean([d["diff"] for d in ds])),
-                      "below": [f"{d['regime']} round {d['round']}" for d in ds if d["ci_high"] < 0],
-                      "above": [f"{d['regime']} round {d['round']}" for d in ds if d["ci_low"] > 0]})
+    table = [{"strategy": name, "cells": len(ds), "mean": float(np.mean([d["diff"] for d in ds])),
+              "below": [f"{d['regime']} round {d['round']}" for d in ds if d["ci_high"] < 0],
+              "above": [f"{d['regime']} round {d['round']}" for d in ds if d["ci_low"] > 0]}
+             for name, ds in cells.items()]
     eligible = [t for t in table if not t["below"] and t["cells"] == n_cells]
     winner = None
     if eligible:
@@ -106,17 +102,13 @@ def format_choice(res: dict) -> str:
     for t in res["candidates"]:
         lines.append(f"| {t['strategy']} | {t['mean']:+.2f} | {', '.join(t['below']) or '-'} | "
                      f"{', '.join(t['above']) or '-'} |")
-    lines.append("")
-    lines.append(f"winner: {res['winner']}" if res["winner"] else "winner: none (recommended = random)")
+    lines += ["", f"winner: {res['winner']}" if res["winner"]
+              else "winner: none (recommended = random)"]
     return "\n".join(lines)
 
 
 def _ranges(seeds: list[int]) -> str:
-    out, start = [], None
-    for i, s in enumerate(seeds):
-        if start is None:
-            start = s
-        if i == len(seeds) - 1 or seeds[i + 1] != s + 1:
-            out.append(f"{start}-{s}" if s != start else f"{s}")
-            start = None
-    return ", ".join(out)
+    """Sorted distinct seeds as runs of consecutive ones: "0-4, 7, 9-10"."""
+    runs = [[s for _, s in g]
+            for _, g in itertools.groupby(enumerate(seeds), lambda x: x[1] - x[0])]
+    return ", ".join(f"{r[0]}-{r[-1]}" if len(r) > 1 else f"{r[0]}" for r in runs)

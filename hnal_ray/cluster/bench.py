@@ -39,25 +39,18 @@ class BenchShard:
                 "scores": res.scores, "max_margin": res.max_margin}
 
 
-def default_actor_counts() -> list[int]:
-    """1 and 2 actors, then doubling while the cluster has a GPU (if it has any, else a CPU) for each."""
-    res = ray.cluster_resources()
-    most = max(int(res.get("GPU", 0) or res.get("CPU", 1)), 2)
-    return [n for n in (1, 2, 4, 8, 16, 32, 64) if n <= most]
-
-
 def ray_scaling(files: dict, n_pool: int, weight: str, device: str, counts: list[int] | None = None,
                 repeat: int = 1) -> list[dict]:
     """Score pool rows [0, n_pool) with n actors for each n in `counts`: fan out, then ray.get once
-    (the fastest of `repeat` rounds).
-
-    Returns per n: wall seconds (fan-out to last result, actors already loaded), the slowest
-    shard's kernel seconds, the largest per-actor peak memory, and the merged scores/max_margin.
-    """
+    (the fastest of `repeat` rounds). Returns per n: wall seconds (fan-out to last result, actors
+    already loaded), the slowest shard's kernel seconds, the largest per-actor peak memory, and the
+    merged scores/max_margin."""
     out = []
     with ray_session():
-        counts = counts or default_actor_counts()
         res = ray.cluster_resources()
+        # default: 1 and 2 actors, then doubling while there is a GPU (if any, else a CPU) for each
+        most = max(int(res.get("GPU", 0) or res.get("CPU", 1)), 2)
+        counts = counts or [n for n in (1, 2, 4, 8, 16, 32, 64) if n <= most]
         gpus, cpus = res.get("GPU", 0), max(1.0, res.get("CPU", 1) // max(counts))
         for n in counts:
             opts = {"num_gpus": min(1.0, gpus / n), "num_cpus": 1} if gpus and device != "cpu" else {"num_cpus": cpus}

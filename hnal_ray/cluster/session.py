@@ -29,10 +29,8 @@ def ray_get(refs):
 
 @contextlib.contextmanager
 def ray_session(address: str | None = None, num_cpus: int | None = None):
-    """`address`, else RAY_ADDRESS (set by `ray job submit`), else an embedded local Ray.
-
-    Reuses a Ray already initialised in this process (tests, notebooks) and leaves it running.
-    """
+    """`address`, else RAY_ADDRESS (set by `ray job submit`), else an embedded local Ray; a Ray
+    already initialised in this process (tests, notebooks) is reused and left running."""
     if ray.is_initialized():
         yield
         return
@@ -41,17 +39,12 @@ def ray_session(address: str | None = None, num_cpus: int | None = None):
     on_term = signal.getsignal(signal.SIGTERM) if main else None
     quiet = not log.isEnabledFor(logging.DEBUG)  # `hnal -v` shows Ray's own logs and every worker's
     level = logging.ERROR if quiet else logging.INFO
-    if address:
-        ray.init(address=address, logging_level=level, log_to_driver=not quiet)
-        if quiet:
-            _quiet_ray_data()
-        log.info("connected to Ray at %s: %s", address, ray.cluster_resources())
-    else:
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, logging_level=level,
-                 log_to_driver=not quiet)
-        if quiet:
-            _quiet_ray_data()
-        log.info("started an embedded Ray: %s", ray.cluster_resources())
+    embedded = {} if address else {"num_cpus": num_cpus, "include_dashboard": False}
+    ray.init(address=address or "local", **embedded, logging_level=level, log_to_driver=not quiet)
+    if quiet:
+        _quiet_ray_data()
+    where = f"connected to Ray at {address}" if address else "started an embedded Ray"
+    log.info("%s: %s", where, ray.cluster_resources())
     if main and on_term is not None:  # ray.init installs its own SIGTERM handler: the caller's stays in charge
         signal.signal(signal.SIGTERM, on_term)
     try:

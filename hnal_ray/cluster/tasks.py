@@ -32,8 +32,8 @@ class TaskPool:
     exception in a task is raised here (InputError/ConfigError as themselves)."""
 
     def __init__(self, max_in_flight: int, num_cpus: float = 1.0, num_gpus: float = 0.0, max_retries: int = 2):
-        self.max_in_flight, self.num_cpus, self.num_gpus = max_in_flight, num_cpus, num_gpus
-        self.max_retries = max_retries
+        self.max_in_flight = max_in_flight
+        self.options = {"num_cpus": num_cpus, "num_gpus": num_gpus, "max_retries": max_retries}
         self.queue: collections.deque = collections.deque()
         self.running: dict[ray.ObjectRef, Hashable] = {}
         self._remote: dict[Callable, Any] = {}
@@ -65,7 +65,6 @@ class TaskPool:
 
     def _as_remote(self, fn: Callable):
         if fn not in self._remote:
-            self._remote[fn] = ray.remote(fn).options(num_cpus=self.num_cpus, num_gpus=self.num_gpus,
-                                                      max_retries=self.max_retries)
+            self._remote[fn] = ray.remote(fn).options(**self.options)
         return self._remote[fn]
 
