@@ -35,8 +35,9 @@ class FeatureSet:
 
     def _take(self, keep_i: np.ndarray, keep_t: np.ndarray) -> "FeatureSet":
         maps, pre = (None if a is None else a[keep_i] for a in (self.image_maps, self.image_pre))
-        return FeatureSet(self.image_ids[keep_i], self.image_feat[keep_i], self.text_ids[keep_t],
-                          self.text_owner[keep_t], self.text_feat[keep_t], maps, pre)
+        return FeatureSet(image_ids=self.image_ids[keep_i], image_feat=self.image_feat[keep_i],
+                          text_ids=self.text_ids[keep_t], text_owner=self.text_owner[keep_t],
+                          text_feat=self.text_feat[keep_t], image_maps=maps, image_pre=pre)
 
     def subset(self, image_ids: np.ndarray) -> "FeatureSet":
         """The given images (sorted) and all of their texts."""
